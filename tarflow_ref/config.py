@@ -1,0 +1,100 @@
+"""One configuration object for every backend, inferred from a state dict or a released file name.
+
+A TarFlow is fixed by: image size S, patch size P, channels c, model width C, number of flow
+blocks N, transformer layers per block L, number of classes K (0 = unconditional), head width d
+and the training noise sigma. Derived sizes (SPEC, "The released files"):
+
+    T = (S / P)^2   tokens          D = c * P^2   values per token        H = C / d   heads
+
+A released checkpoint stores no configuration: `checkpoint.config_from_state_dict` reads every
+shape from the tensors, and sigma comes from a file name of the released pattern
+`{dataset}_model_{P}_{C}_{blocks}_{layers}_{sigma:.2f}.pth` when there is one.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+RELEASED_FILES = {
+    # file name: (image size, classes) -- the two facts the file name does not carry
+    "afhq_model_8_768_8_8_0.07.pth": (256, 3),
+    "imagenet_model_4_1024_8_8_0.15.pth": (128, 1000),
+    "imagenet64_model_2_768_8_8_0.05.pth": (64, 0),
+    "imagenet_model_2_768_8_8_0.05.pth": (64, 1000),
+    "imagenet_model_4_1024_8_8_0.05.pth": (64, 1000),
+}
+
+_NAME = re.compile(r"^(?P<dataset>.+)_model_(?P<P>\d+)_(?P<C>\d+)_(?P<N>\d+)_(?P<L>\d+)_(?P<sigma>\d+\.\d+)\.pth$")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a TarFlow."""
+
+
+@dataclass(frozen=True)
+class TarFlowConfig:
+    image_size: int
+    patch_size: int
+    channels: int = 3
+    width: int = 768
+    blocks: int = 8
+    layers: int = 8
+    num_classes: int = 0
+    head_dim: int = 64
+    noise_std: float | None = None
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"image size {self.image_size} is not divisible by patch size {self.patch_size}")
+        if self.width % self.head_dim:
+            raise ConfigError(f"width {self.width} is not divisible by head width {self.head_dim}")
+        for name in ("image_size", "patch_size", "channels", "width", "blocks", "layers", "head_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_classes < 0:
+            raise ConfigError(f"num_classes must be >= 0, got {self.num_classes}")
+
+    @property
+    def tokens(self) -> int:
+        """T, the number of patches."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def token_dim(self) -> int:
+        """D, the values per token."""
+        return self.channels * self.patch_size ** 2
+
+    @property
+    def heads(self) -> int:
+        return self.width // self.head_dim
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    def replace(self, **changes) -> "TarFlowConfig":
+        return replace(self, **changes)
+
+    def file_name(self, dataset: str) -> str:
+        """The released naming pattern; `sigma_from_name` reads it back."""
+        sigma = 0.0 if self.noise_std is None else self.noise_std
+        return f"{dataset}_model_{self.patch_size}_{self.width}_{self.blocks}_{self.layers}_{sigma:.2f}.pth"
+
+    @classmethod
+    def from_release_name(cls, name: str) -> "TarFlowConfig":
+        """The configuration of one of the five released files, from its name alone."""
+        base = Path(name).name
+        if base not in RELEASED_FILES:
+            raise ConfigError(f"unknown released file '{base}'; known: {', '.join(RELEASED_FILES)}")
+        m = _NAME.match(base)
+        image_size, classes = RELEASED_FILES[base]
+        return cls(image_size=image_size, patch_size=int(m["P"]), channels=3, width=int(m["C"]),
+                   blocks=int(m["N"]), layers=int(m["L"]), num_classes=classes, head_dim=64,
+                   noise_std=float(m["sigma"]))
+
+
+def sigma_from_name(path) -> float | None:
+    """sigma from a file name of the released pattern, else None."""
+    m = _NAME.match(Path(path).name)
+    return float(m["sigma"]) if m else None

@@ -1,0 +1,155 @@
+"""TarFlow as a torch nn.Module whose state_dict() has exactly the released keys and shapes.
+
+Each class mirrors one NumPy concept module (attention.py, flow.py, model.py): same names, same
+equations, proven equal by tests/test_torch_vs_numpy.py. Keys (SPEC, "The released files"):
+
+    var                                              [T, D]
+    blocks.{b}.pos_embed / class_embed / attn_mask   [T, C] / [K, 1, C] / [T, T]
+    blocks.{b}.proj_in / proj_out                    Linear(D, C) / Linear(C, 2D)
+    blocks.{b}.attn_blocks.{l}.attention.{norm,qkv,proj}
+    blocks.{b}.attn_blocks.{l}.mlp.{norm,main.0,main.2}
+"""
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from ..config import TarFlowConfig
+from ..flow import check_labels
+from ..logdet import loss as flow_loss
+from ..model import check_image
+from ..patchify import patchify
+
+
+def wide(t):
+    """At least float32: exp and means of bfloat16 values lose too much (the recipe does the same)."""
+    return t.float() if t.element_size() < 4 else t
+
+
+class Attention(nn.Module):
+    """Pre-norm causal multi-head attention; see tarflow_ref/attention.py for the math."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, h, mask, start=0, cache=None, temperature=1.0):
+        """h: [B, n, C] at positions start..start+n-1; mask: [T, T] causal (1 = may attend)."""
+        n = h.shape[1]
+        qkv = self.qkv(self.norm(h))
+        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        if cache is not None:
+            k, v = cache.write(k, v, start)
+        elif start != 0:
+            raise ValueError("attention at a later position needs the cache of the earlier tokens")
+        end = start + n
+        # one query attending to everything before it needs no mask, and SDPA is faster without one
+        allowed = None if n == 1 else mask[start:end, :end].bool()
+        scale = 1.0 / (q.shape[-1] ** 0.5 * temperature)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class MLP(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.main = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, h):
+        return self.main(self.norm(h))
+
+
+class AttentionBlock(nn.Module):
+    """One pre-norm transformer layer: h += Attn(LN(h)); h += MLP(LN(h))."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.attention = Attention(width, heads)
+        self.mlp = MLP(width)
+
+    def forward(self, h, mask, start=0, cache=None, temperature=1.0):
+        h = h + self.attention(h, mask, start, cache, temperature)
+        return h + self.mlp(h)
+
+
+class MetaBlock(nn.Module):
+    """One affine autoregressive flow block (tarflow_ref/flow.py). Odd blocks reverse the tokens."""
+
+    def __init__(self, cfg: TarFlowConfig, reverse: bool):
+        super().__init__()
+        T, C, D = cfg.tokens, cfg.width, cfg.token_dim
+        self.reverse = reverse
+        self.token_dim = D
+        self.pos_embed = nn.Parameter(torch.randn(T, C) * 1e-2)
+        if cfg.num_classes:
+            self.class_embed = nn.Parameter(torch.randn(cfg.num_classes, 1, C) * 1e-2)
+        else:
+            self.class_embed = None
+        self.register_buffer("attn_mask", torch.tril(torch.ones(T, T)))
+        self.proj_in = nn.Linear(D, C)
+        self.attn_blocks = nn.ModuleList(AttentionBlock(C, cfg.heads) for _ in range(cfg.layers))
+        self.proj_out = nn.Linear(C, 2 * D)
+        # the recipe starts every block at the identity map
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def permute(self, x, dim=1):
+        return x.flip(dim) if self.reverse else x
+
+    def class_embedding(self, y, batch):
+        """[B, 1, C] (or 0): y None, y < 0 and the unconditional branch use the mean over classes."""
+        if self.class_embed is None:
+            return 0.0
+        mean = self.class_embed.mean(0)                                        # [1, C]
+        if y is None:
+            return mean.expand(batch, *mean.shape)
+        return torch.where((y < 0)[:, None, None], mean, self.class_embed[y.clamp(min=0)])
+
+    def conditioner(self, u, y, start=0, caches=None, temperature=1.0):
+        """Raw a, m: [B, n, D] at positions start..start+n-1 of the block order (before the shift)."""
+        n = u.shape[1]
+        pos = self.permute(self.pos_embed, dim=0)[start:start + n]
+        h = self.proj_in(u) + pos + self.class_embedding(y, u.shape[0])
+        for l, layer in enumerate(self.attn_blocks):
+            h = layer(h, self.attn_mask, start, None if caches is None else caches[l], temperature)
+        o = self.proj_out(h)
+        return o[..., :self.token_dim], o[..., self.token_dim:]
+
+    def forward(self, x, y=None):
+        """x: [B, T, D] (image order) -> z: [B, T, D], logdet: [B] (mean over T*D, SPEC)."""
+        u = self.permute(x)
+        a, m = self.conditioner(u, y)
+        a = F.pad(a[:, :-1], (0, 0, 1, 0))       # the shift: o'_t = o_{t-1}, o'_0 = 0
+        m = F.pad(m[:, :-1], (0, 0, 1, 0))
+        a = wide(a)
+        z = (u - m) * torch.exp(-a)
+        return self.permute(z), -a.mean(dim=(1, 2))
+
+
+class TarFlow(nn.Module):
+    """The whole flow. forward: image [B, c, S, S] -> z [B, T, D], logdet [B]."""
+
+    def __init__(self, cfg: TarFlowConfig):
+        super().__init__()
+        self.config = cfg
+        self.register_buffer("var", torch.ones(cfg.tokens, cfg.token_dim))
+        self.blocks = nn.ModuleList(MetaBlock(cfg, reverse=b % 2 == 1) for b in range(cfg.blocks))
+
+    def forward(self, x, y=None):
+        check_image(x, self.config)
+        check_labels(y, self.config.num_classes, len(x))
+        z = patchify(x, self.config.patch_size)
+        logdet = 0.0
+        for block in self.blocks:
+            z, ld = block(z, y)
+            logdet = logdet + ld
+        return z, logdet
+
+    def loss(self, x, y=None):
+        """The per-dimension training loss 0.5 mean(z^2) - mean(logdet) (SPEC)."""
+        z, logdet = self(x, y)
+        return flow_loss(wide(z), logdet)
