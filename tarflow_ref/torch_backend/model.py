@@ -153,3 +153,29 @@ class TarFlow(nn.Module):
         """The per-dimension training loss 0.5 mean(z^2) - mean(logdet) (SPEC)."""
         z, logdet = self(x, y)
         return flow_loss(wide(z), logdet)
+
+
+@torch.no_grad()
+def randomize_(model: TarFlow, seed: int = 0, out_scale: float = 0.3):
+    """Draw every parameter away from the initialisation (which is the identity map, since
+    proj_out starts at zero), for tests, notebooks and benchmarks of untrained models.
+
+    Linear weights ~ N(0, 1/fan_in), embeddings and biases ~ N(0, 0.1^2), layer-norm gains
+    ~ 1 + N(0, 0.1^2); proj_out ~ N(0, out_scale^2 / C), so |a| stays moderate and the inverse
+    stays well conditioned. Returns the model.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(p, std, mean=0.0):
+        p.copy_((torch.randn(p.shape, generator=gen, dtype=torch.float64) * std + mean).to(p.dtype))
+
+    for name, p in model.named_parameters():
+        if name.endswith("proj_out.weight"):
+            draw(p, out_scale / p.shape[1] ** 0.5)
+        elif name.endswith("norm.weight"):
+            draw(p, 0.1, 1.0)
+        elif name.endswith("weight") and p.ndim == 2:
+            draw(p, 1.0 / p.shape[1] ** 0.5)
+        else:
+            draw(p, 0.1)
+    return model
