@@ -73,21 +73,24 @@ def causal_attention(p, h, heads, start=0, cache=None, temperature=1.0):
     Without a cache the call must start at 0 and sees only its own n tokens.
     Returns [B, n, C].
     """
-    n = h.shape[1]
     qkv = linear(h, p["qkv.weight"], p["qkv.bias"])                               # [B, n, 3C]
     q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=heads)  # each [B, H, n, d]
     if cache is not None:
         k, v = cache.write(k, v, start)                                            # [B, H, s+n, d]
     elif start != 0:
         raise ValueError("attention at a later position needs the cache of the earlier tokens")
-    d = q.shape[-1]
-    scores = q @ np.swapaxes(k, -1, -2) / (np.sqrt(d) * temperature)               # [B, H, n, s+n]
-    query_pos = start + np.arange(n)[:, None]
-    key_pos = np.arange(k.shape[2])[None, :]
-    scores = np.where(key_pos <= query_pos, scores, -np.inf)
-    out = softmax(scores) @ v                                                      # [B, H, n, d]
+    out = attention_weights(q, k, start, temperature) @ v                          # [B, H, n, d]
     out = rearrange(out, "b h n d -> b n (h d)")
     return linear(out, p["proj.weight"], p["proj.bias"])
+
+
+def attention_weights(q, k, start=0, temperature=1.0):
+    """A = softmax(q k^T / (sqrt(d) tau)) under the causal mask, so query i (at position start + i)
+    sees keys 0..start+i only. q: [B, H, n, d], k: [B, H, s+n, d] -> A: [B, H, n, s+n]."""
+    scores = q @ np.swapaxes(k, -1, -2) / (np.sqrt(q.shape[-1]) * temperature)
+    query_pos = start + np.arange(q.shape[2])[:, None]
+    key_pos = np.arange(k.shape[2])[None, :]
+    return softmax(np.where(key_pos <= query_pos, scores, -np.inf))
 
 
 def mlp(p, h):

@@ -61,18 +61,26 @@ def new_caches(cfg, batch, dtype=np.float64):
     return [KVCache(batch, cfg.heads, cfg.tokens, cfg.head_dim, dtype) for _ in range(cfg.layers)]
 
 
+def hidden_states(pb, u, y, cfg, reverse, start=0, caches=None, temperature=1.0):
+    """[h_0, ..., h_L]: the transformer's hidden states [B, n, C] at positions start..start+n-1,
+    h_0 = u W_in^T + b_in + pos + class term, h_{l+1} = layer_l(h_l). The backward pass
+    (tarflow_ref/backward.py) needs every layer's input; the conditioner only the last."""
+    n = u.shape[1]
+    pos = permute(pb["pos_embed"], reverse, axis=0)[start:start + n]                # [n, C]
+    hs = [linear(u, pb["proj_in.weight"], pb["proj_in.bias"]) + pos + class_embedding(pb, y, u.shape[0])]
+    for l in range(cfg.layers):
+        hs.append(transformer_layer(sub_params(pb, f"attn_blocks.{l}."), hs[-1], cfg.heads, start,
+                                    None if caches is None else caches[l], temperature))
+    return hs
+
+
 def conditioner(pb, u, y, cfg, reverse, start=0, caches=None, temperature=1.0):
     """The transformer's raw output at positions start..start+n-1 of the block order.
 
     u: [B, n, D] tokens at those positions (block order). Returns a, m: [B, n, D]; the output
     at position t parametrises token t + 1 (before the shift).
     """
-    n = u.shape[1]
-    pos = permute(pb["pos_embed"], reverse, axis=0)[start:start + n]                # [n, C]
-    h = linear(u, pb["proj_in.weight"], pb["proj_in.bias"]) + pos + class_embedding(pb, y, u.shape[0])
-    for l in range(cfg.layers):
-        h = transformer_layer(sub_params(pb, f"attn_blocks.{l}."), h, cfg.heads, start,
-                              None if caches is None else caches[l], temperature)
+    h = hidden_states(pb, u, y, cfg, reverse, start, caches, temperature)[-1]
     o = linear(h, pb["proj_out.weight"], pb["proj_out.bias"])                       # [B, n, 2D]
     D = u.shape[-1]
     return o[..., :D], o[..., D:]
