@@ -1,0 +1,257 @@
+"""Strict, safe checkpoint loading (tarflow_ref/checkpoint.py; SPEC, "The released files").
+
+A checkpoint saved with torch.save(state_dict) loads back exactly with its configuration inferred
+from the tensor shapes (and sigma from a released-pattern name). Everything else fails with a
+CheckpointError that names the problem: missing / unexpected / wrongly shaped keys, a mask that is
+not causal, files that are not checkpoints, truncated files, pickles that would run code (and the
+code must not run), missing files, and the hub download without the package or offline.
+"""
+import os
+import pickle
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from tarflow_ref import CheckpointError, download_release, load_checkpoint
+from tarflow_ref.checkpoint import config_from_state_dict
+
+from conftest import SMALL_CONFIGS, make_model
+
+CONFIGS = dict(SMALL_CONFIGS, **{"uncond-gray-P2": SMALL_CONFIGS["cond-odd-P1-gray"].replace(
+    image_size=8, patch_size=2, num_classes=0)})
+MARKER_ENV = "TARFLOW_REF_PAYLOAD_RAN"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A float32 checkpoint of "cond-even-P2" in a released-pattern file name, and its state dict."""
+    cfg = SMALL_CONFIGS["cond-even-P2"].replace(noise_std=0.07)
+    model, _ = make_model(cfg, dtype=torch.float32)
+    path = tmp_path_factory.mktemp("ckpt") / cfg.file_name("toy")
+    torch.save(model.state_dict(), path)
+    return path, cfg, model.state_dict()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_round_trip_infers_the_configuration(name, tmp_path, rng):
+    cfg = CONFIGS[name].replace(noise_std=0.15)
+    model, _ = make_model(cfg, dtype=torch.float32)
+    path = tmp_path / cfg.file_name("toy")                              # toy_model_{P}_{C}_{N}_{L}_0.15.pth
+    torch.save(model.state_dict(), path)
+    loaded = load_checkpoint(path, head_dim=cfg.head_dim)               # d is not in the tensors
+    assert loaded.config == cfg
+    assert not loaded.training
+    state = loaded.state_dict()
+    assert list(state) == list(model.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    x = torch.from_numpy(rng.uniform(-1, 1, size=(2, cfg.channels, cfg.image_size, cfg.image_size))).float()
+    y = torch.tensor([0, -1]) if cfg.conditional else None
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, y), model(x, y), rtol=0, atol=0)
+
+
+def test_sigma_from_the_name_or_the_argument(saved, tmp_path):
+    path, cfg, state = saved
+    assert load_checkpoint(path, head_dim=8).config.noise_std == 0.07
+    assert load_checkpoint(path, head_dim=8, noise_std=0.5).config.noise_std == 0.5
+    plain = tmp_path / "weights.pth"
+    torch.save(state, plain)
+    assert load_checkpoint(plain, head_dim=8).config == cfg.replace(noise_std=None)
+
+
+def save_changed(tmp_path, state, **changes):
+    """The state dict with entries replaced (None removes one), saved; returns the path."""
+    changed = {k: v for k, v in state.items() if changes.get(k, 0) is not None}
+    changed.update({k: v for k, v in changes.items() if v is not None})
+    path = tmp_path / "changed.pth"
+    torch.save(changed, path)
+    return path
+
+
+def test_missing_key_is_named_with_its_shape(saved, tmp_path):
+    _, _, state = saved
+    key = "blocks.1.attn_blocks.0.attention.qkv.weight"
+    with pytest.raises(CheckpointError, match=rf"missing key '{key}' \(expected shape \[96, 32\]\)"):
+        load_checkpoint(head_dim=8, path=save_changed(tmp_path, state, **{key: None}))
+
+
+def test_unexpected_key_is_named_with_its_shape(saved, tmp_path):
+    _, _, state = saved
+    with pytest.raises(CheckpointError, match=r"unexpected key 'blocks.0.extra.weight' \(shape \[3, 4\]\)"):
+        load_checkpoint(head_dim=8, path=save_changed(tmp_path, state, **{"blocks.0.extra.weight": torch.zeros(3, 4)}))
+
+
+def test_wrong_shape_names_key_expected_and_found(saved, tmp_path):
+    _, _, state = saved
+    key = "blocks.1.attn_blocks.1.mlp.main.2.weight"
+    with pytest.raises(CheckpointError, match=rf"key '{key}' has shape \[32, 100\], expected \[32, 128\]"):
+        load_checkpoint(head_dim=8, path=save_changed(tmp_path, state, **{key: torch.zeros(32, 100)}))
+
+
+def test_many_problems_are_all_counted(saved, tmp_path):
+    _, _, state = saved
+    extra = {f"junk.{i}": torch.zeros(1) for i in range(13)}
+    with pytest.raises(CheckpointError, match=r"unexpected key 'junk.0'.*; and 3 more"):
+        load_checkpoint(head_dim=8, path=save_changed(tmp_path, state, **extra))
+
+
+@pytest.mark.parametrize("where", [(0, 3), (5, 2)], ids=["future-allowed", "past-hidden"])
+def test_mask_that_is_not_causal(saved, tmp_path, where):
+    _, _, state = saved
+    mask = state["blocks.1.attn_mask"].clone()
+    mask[where] = 1 - mask[where]
+    with pytest.raises(CheckpointError, match="'blocks.1.attn_mask' is not the lower-triangular causal mask of ones"):
+        load_checkpoint(head_dim=8, path=save_changed(tmp_path, state, **{"blocks.1.attn_mask": mask}))
+
+
+def test_shapes_that_describe_no_tarflow(tmp_path):
+    with pytest.raises(CheckpointError, match=r"no 'blocks.\{b\}.attn_blocks.\{l\}.\*' keys: not a TarFlow state dict"):
+        config_from_state_dict({"weight": torch.zeros(2, 2)})
+    base = {"blocks.0.attn_blocks.0.attention.norm.weight": torch.zeros(32)}
+    with pytest.raises(CheckpointError, match="missing key 'blocks.0.pos_embed': not a TarFlow state dict"):
+        config_from_state_dict(base)
+    state = dict(base, **{"blocks.0.pos_embed": torch.zeros(15, 32), "blocks.0.proj_in.weight": torch.zeros(32, 12)})
+    with pytest.raises(CheckpointError, match="'blocks.0.pos_embed' has 15 tokens, which is not a square patch grid"):
+        config_from_state_dict(state)
+    state["blocks.0.pos_embed"] = torch.zeros(16, 32)
+    state["blocks.0.proj_in.weight"] = torch.zeros(32, 8)
+    with pytest.raises(CheckpointError, match=r"proj_in takes 8 values per token, which is neither 3\*P\^2 nor P\^2"):
+        config_from_state_dict(state)
+    state["blocks.0.proj_in.weight"] = torch.zeros(32, 12, 1)
+    with pytest.raises(CheckpointError, match=r"key 'blocks.0.proj_in.weight' has shape \[32, 12, 1\], expected 2 dimensions"):
+        config_from_state_dict(state)
+    state["blocks.0.proj_in.weight"] = torch.zeros(30, 12)
+    state["blocks.0.pos_embed"] = torch.zeros(16, 30)
+    with pytest.raises(CheckpointError, match="width 30 is not divisible by head width 64"):
+        config_from_state_dict(state)
+
+
+# ---- files that are not checkpoints ----------------------------------------------------------------
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="nothere.pth: no such checkpoint file"):
+        load_checkpoint(tmp_path / "nothere.pth")
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        load_checkpoint(tmp_path)                                         # a directory is no file either
+
+
+def test_random_bytes(tmp_path):
+    path = tmp_path / "random.pth"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(CheckpointError, match="random.pth: not a readable checkpoint"):
+        load_checkpoint(path)
+
+
+def test_text_file(tmp_path):
+    path = tmp_path / "notes.pth"
+    path.write_text("these are not the weights you are looking for\n")
+    with pytest.raises(CheckpointError, match="notes.pth: not a readable checkpoint"):
+        load_checkpoint(path)
+
+
+def test_truncated_checkpoint(saved, tmp_path):
+    path, _, _ = saved
+    data = path.read_bytes()
+    half = tmp_path / "half.pth"
+    half.write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"half.pth: not a readable checkpoint \(truncated or not a torch.save file\)"):
+        load_checkpoint(half)
+
+
+def test_not_a_state_dict(tmp_path):
+    path = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(CheckpointError, match="expected a state dict of tensors, found Tensor"):
+        load_checkpoint(path)
+    torch.save({"model": {"w": torch.zeros(2)}, "step": 10}, path)
+    with pytest.raises(CheckpointError, match="expected a state dict of tensors, but 'model' holds a dict"):
+        load_checkpoint(path)
+
+
+class Payload:
+    """Unpickling this object runs code: it writes a marker file and sets an environment variable."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        code = f"import os; open({self.marker!r}, 'w').close(); os.environ[{MARKER_ENV!r}] = '1'"
+        return exec, (code,)
+
+
+def ran(marker):
+    return marker.exists() or MARKER_ENV in os.environ
+
+
+def test_the_payload_really_runs_code_when_unpickled(tmp_path, monkeypatch):
+    """Guards the next test: the crafted pickle is dangerous under a plain pickle.load."""
+    monkeypatch.delenv(MARKER_ENV, raising=False)
+    marker = tmp_path / "ran"
+    pickle.loads(pickle.dumps(Payload(marker)))
+    assert marker.exists() and os.environ[MARKER_ENV] == "1"
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("writer", ["pickle-protocol-2", "pickle-default", "torch.save"])
+def test_a_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch, writer):
+    monkeypatch.delenv(MARKER_ENV, raising=False)
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pth"
+    obj = {"blocks.0.pos_embed": Payload(marker)}
+    if writer == "torch.save":
+        torch.save(obj, path)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump(obj, f, protocol=2 if writer == "pickle-protocol-2" else pickle.DEFAULT_PROTOCOL)
+    assert not ran(marker)
+    message = r"evil.pth: refused to load: the file holds objects other than tensors .*exec" \
+        if writer != "pickle-default" else r"evil.pth: (refused to load|not a readable checkpoint)"
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+    assert not ran(marker), "loading the checkpoint ran code from the file"
+
+
+# ---- hub download (never touches the network) -------------------------------------------------------
+
+NAME = "imagenet_model_4_1024_8_8_0.05.pth"
+
+
+def test_download_without_huggingface_hub(monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)            # makes the import fail
+    with pytest.raises(CheckpointError, match=r"downloading needs the optional package huggingface_hub .*pass a local path"):
+        download_release(NAME)
+
+
+def fake_hub(monkeypatch, download):
+    module = types.ModuleType("huggingface_hub")
+    module.hf_hub_download = download
+    monkeypatch.setitem(sys.modules, "huggingface_hub", module)
+
+
+def test_download_offline(monkeypatch):
+    def offline(**kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load this file.\nmore detail")
+    fake_hub(monkeypatch, offline)
+    with pytest.raises(CheckpointError, match=rf"could not download '{NAME}' from the hub repo 'apple/TarFlow' "
+                                              r"\(offline\?\): We couldn't connect .*pass the local path"):
+        download_release(NAME)
+
+
+def test_download_asks_for_the_right_file(monkeypatch, tmp_path):
+    calls = []
+
+    def download(**kwargs):
+        calls.append(kwargs)
+        return str(tmp_path / kwargs["filename"])
+    fake_hub(monkeypatch, download)
+    assert download_release(NAME, repo_id="me/mirror", cache_dir=tmp_path) == tmp_path / NAME
+    assert calls == [{"repo_id": "me/mirror", "filename": NAME, "cache_dir": tmp_path}]
+
+
+def test_download_of_an_unknown_name(monkeypatch):
+    fake_hub(monkeypatch, lambda **kwargs: pytest.fail("must not download"))
+    with pytest.raises(CheckpointError, match="unknown released file 'imagenet_model_9.pth'; known: afhq_model_8_768"):
+        download_release("imagenet_model_9.pth")
