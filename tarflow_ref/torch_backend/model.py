@@ -26,6 +26,19 @@ def wide(t):
     return t.float() if t.element_size() < 4 else t
 
 
+def positions(start, n, device):
+    """[n] long: start..start+n-1. `start` is an int, or a 0-dim device tensor: the position of
+    the sampling engine's CUDA graph, which must stay on the device (no host sync)."""
+    return start + torch.arange(n, device=device)
+
+
+def rows(t, start, n, dim=0):
+    """Entries start..start+n-1 of t along `dim`: a view for an int start, a copy for a tensor one."""
+    if torch.is_tensor(start):
+        return t.index_select(dim, positions(start, n, t.device))
+    return t.narrow(dim, start, n)
+
+
 class Attention(nn.Module):
     """Pre-norm causal multi-head attention; see tarflow_ref/attention.py for the math."""
 
@@ -37,17 +50,22 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(self, h, mask, start=0, cache=None, temperature=1.0):
-        """h: [B, n, C] at positions start..start+n-1; mask: [T, T] causal (1 = may attend)."""
+        """h: [B, n, C] at positions start..start+n-1; mask: [T, T] causal (1 = may attend).
+        temperature: a float, or a per-sample tensor [B, 1, 1, 1]."""
         n = h.shape[1]
         qkv = self.qkv(self.norm(h))
         q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        if torch.is_tensor(temperature):
+            # per sample, [B, 1, 1, 1]: guidance's two branches in one batch (sampling engine);
+            # divided in at least float32 so that tau_u is not rounded to bfloat16
+            q, temperature = (wide(q) / temperature).to(q.dtype), 1.0
         if cache is not None:
             k, v = cache.write(k, v, start)
         elif start != 0:
             raise ValueError("attention at a later position needs the cache of the earlier tokens")
-        end = start + n
-        # one query attending to everything before it needs no mask, and SDPA is faster without one
-        allowed = None if n == 1 else mask[start:end, :end].bool()
+        # one query attending to every key it is given needs no mask, and SDPA is faster without
+        # one; at a device position the static cache hands over all T slots, so mask the future
+        allowed = None if n == 1 and not torch.is_tensor(start) else rows(mask, start, n)[:, :k.shape[2]].bool()
         scale = 1.0 / (q.shape[-1] ** 0.5 * temperature)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
@@ -112,7 +130,7 @@ class MetaBlock(nn.Module):
     def conditioner(self, u, y, start=0, caches=None, temperature=1.0):
         """Raw a, m: [B, n, D] at positions start..start+n-1 of the block order (before the shift)."""
         n = u.shape[1]
-        pos = self.permute(self.pos_embed, dim=0)[start:start + n]
+        pos = rows(self.permute(self.pos_embed, dim=0), start, n)
         h = self.proj_in(u) + pos + self.class_embedding(y, u.shape[0])
         for l, layer in enumerate(self.attn_blocks):
             h = layer(h, self.attn_mask, start, None if caches is None else caches[l], temperature)

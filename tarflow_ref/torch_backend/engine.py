@@ -1,0 +1,229 @@
+"""The sampling engine: the exact sequential inverse of the flow blocks (SPEC, "Inverse"), fast.
+
+Inside a block, in its token order, with z: [B, T, D] the block's input noise:
+
+    x_0 = z_0,    x_{t+1} = z_{t+1} * exp(a_t) + m_t,    (a_t, m_t) = f(x_0..x_t),   t = 0..T-2
+
+and with classifier-free guidance (tarflow_ref/guidance.py, Zhai et al. 2024, Sec. 2.6)
+
+    a_t <- a_t + g_t (a_t - a_t^u),   m_t <- m_t + g_t (m_t - m_t^u),
+
+the unconditional a^u, m^u coming from the mean class embedding at attention temperature tau_u.
+Each step is one token through L transformer layers: little arithmetic and many small kernels,
+so a plain loop is bound by per-token Python work, kernel launches and cache copies, not by
+the arithmetic (book/sampling_speed.md). The engine computes the same numbers and removes those
+costs:
+
+1. Static KV caches, [2B, H, T, d] per layer, allocated once and written in place at the
+   step's position; attention reads them through the causal mask.
+2. Guidance's two branches in ONE pass over a batch of 2B: tokens [x; x], labels [y; -1]
+   ("no label" = mean class embedding) and a per-sample temperature [1; tau_u]: [2B, 1, 1, 1].
+3. The per-token step (all layers, guidance, the affine update, t <- t + 1) reads and writes
+   only static buffers and a 0-dim device tensor t, so on CUDA it is captured once per block
+   as a CUDA graph (torch.cuda.CUDAGraph) and replayed T - 1 times: one launch per token.
+4. bfloat16 on CUDA: autocast, as the released evaluation samples, with the Linear weights cast
+   to bfloat16 once (inside a graph autocast cannot cache its casts and would redo them at
+   every step). Autocast rounds the float32 weights the same way, so the numbers are the same.
+
+On the CPU the same step runs eagerly. `guided_conditioner` and `new_caches` are the entry
+points every torch sampler uses (sequential and GS-Jacobi), so all of them share this path.
+"""
+import contextlib
+import copy
+import time
+
+import torch
+from torch import nn
+
+from ..guidance import Guidance, guide
+from .model import positions, rows, wide
+
+WARMUP_STEPS = 2      # eager steps before a capture: they initialise cuBLAS and allocate the caches
+
+
+class KVCache:
+    """Keys and values of positions 0..T-1 for one layer: [B', H, T, d] (B' = 2B with guidance),
+    allocated at the first write in that write's dtype (float64 in tests, bfloat16 under
+    autocast) and written in place ever after: no concatenation per token."""
+
+    def __init__(self, tokens: int):
+        self.tokens = tokens
+        self.k = self.v = None
+
+    def write(self, k, v, start):
+        """k, v: [B', H, n, d] at positions start..start+n-1 -> keys, values to attend to.
+
+        start: an int (returns positions 0..start+n-1), or a 0-dim device tensor, as in the CUDA
+        graph (returns all T slots; the attention's causal mask hides the later ones).
+        """
+        if self.k is None:
+            shape = (*k.shape[:2], self.tokens, k.shape[-1])
+            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
+        elif k.shape[:2] != self.k.shape[:2] or k.dtype != self.k.dtype:
+            raise ValueError(f"this cache holds keys [{', '.join(map(str, self.k.shape[:2]))}, T, d] "
+                             f"in {self.k.dtype}, got [{', '.join(map(str, k.shape[:2]))}, n, d] in {k.dtype}: "
+                             "use new caches for another batch size, guidance setting or precision")
+        if torch.is_tensor(start):
+            index = positions(start, k.shape[2], k.device)
+            self.k.index_copy_(2, index, k)
+            self.v.index_copy_(2, index, v)
+            return self.k, self.v
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def clear(self):
+        """Zero the slots: a stale NaN in a masked slot would still poison the attention (0 * NaN)."""
+        if self.k is not None:
+            self.k.zero_()
+            self.v.zero_()
+
+
+def new_caches(block, tokens):
+    """One KVCache per transformer layer of `block`; both guidance branches share each one."""
+    return [KVCache(tokens) for _ in block.attn_blocks]
+
+
+def guided_conditioner(block, x, y, start, caches, guidance: Guidance | None):
+    """Guided a, m: [B, n, D] for the tokens x: [B, n, D] at positions start..start+n-1 of the
+    block order, writing their keys and values into `caches` (from `new_caches`).
+
+    y: [B] labels (< 0: none) or None; start: an int or a 0-dim device tensor. With guidance,
+    both branches run as one batch of 2B.
+    """
+    if guidance is None or not guidance.active:
+        return block.conditioner(x, y, start, caches)
+    B, n = x.shape[:2]
+    no_label = torch.full((B,), -1, dtype=torch.long, device=x.device)
+    labels = torch.cat([no_label if y is None else y, no_label])                           # [2B]
+    temperature = 1.0
+    if guidance.temperature != 1.0:
+        ones = torch.ones(B, 1, 1, 1, dtype=wide(x).dtype, device=x.device)
+        temperature = torch.cat([ones, ones * guidance.temperature])                        # [2B, 1, 1, 1]
+    a, m = block.conditioner(torch.cat([x, x]), labels, start, caches, temperature)         # [2B, n, D]
+    g = guidance.weight_at(positions(start, n, x.device).to(x.dtype)[:, None], block.pos_embed.shape[0])  # [n, 1]
+    return guide(a[:B], m[:B], a[B:], m[B:], guidance, g)
+
+
+def autocast(device, bf16: bool, cache_enabled: bool = True):
+    """bfloat16 autocast, as the released evaluation samples. Meant for CUDA; it works on the CPU
+    too (slowly), which lets the tests run the bfloat16 path."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
+
+
+def bf16_linears(block):
+    """A copy of the block with its Linear weights and biases stored in bfloat16 (for autocast)."""
+    block = copy.deepcopy(block)
+    for module in block.modules():
+        if isinstance(module, nn.Linear):
+            module.to(torch.bfloat16)
+    return block
+
+
+class Engine:
+    """The sequential inverse of a list of flow blocks, for one batch size and guidance setting.
+
+    All blocks share one set of static buffers: u, x: [B, T, D] (the block's input and the
+    decoded tokens, block order), the labels y: [B] (-1 = none), the position t (0-dim) and the
+    KV caches. `graphs` (default: on CUDA) captures one CUDA graph per block.
+    """
+
+    def __init__(self, blocks, batch: int, guidance: Guidance | None = None, bf16: bool = False,
+                 graphs: bool | None = None):
+        first = blocks[0]
+        device, dtype = first.pos_embed.device, first.pos_embed.dtype
+        graphs = device.type == "cuda" if graphs is None else graphs
+        if graphs and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a model on a CUDA device, this one is on '{device.type}'")
+        if bf16 and dtype != torch.float32:
+            raise ValueError(f"bfloat16 autocast needs a float32 model, this one is {dtype}")
+        self.blocks = [bf16_linears(b) for b in blocks] if bf16 else list(blocks)
+        self.guidance, self.bf16, self.graphs, self.device = guidance, bf16, graphs, device
+        tokens, token_dim = first.pos_embed.shape[0], first.token_dim
+        self.u = torch.zeros(batch, tokens, token_dim, dtype=dtype, device=device)
+        self.x = torch.zeros_like(self.u)
+        self.y = torch.full((batch,), -1, dtype=torch.long, device=device)
+        self.position = torch.zeros((), dtype=torch.long, device=device)
+        self.caches = new_caches(first, tokens)
+        self.captured = None                                 # one CUDA graph per block, once captured
+
+    def step(self, block, t):
+        """Token t+1 from tokens 0..t of the static buffers. t: an int (eager), or the device
+        position self.position (inside the CUDA graph, where the int would be frozen at capture)."""
+        a, m = guided_conditioner(block, rows(self.x, t, 1, dim=1), self.y, t, self.caches, self.guidance)
+        after = rows(self.u, t + 1, 1, dim=1) * torch.exp(wide(a)) + m                       # [B, 1, D]
+        self.x.index_copy_(1, positions(t + 1, 1, self.x.device), after)
+
+    def graph_step(self, block):
+        """The body of the CUDA graph: one step at the device position, which it then advances.
+        (On the CPU it runs eagerly, which is how the tests check it.)"""
+        self.step(block, self.position)
+        self.position.add_(1)
+
+    def capture(self) -> float:
+        """Record one CUDA graph per block (after warm-up steps on a side stream); returns seconds."""
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        if self.u.shape[1] < 2:            # one token: nothing to decode
+            self.captured = []
+            return 0.0
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), autocast(self.device, self.bf16):
+            for block in self.blocks:
+                for _ in range(WARMUP_STEPS):
+                    self.position.zero_()
+                    self.graph_step(block)
+        torch.cuda.current_stream().wait_stream(side)
+        self.captured, pool = [], None
+        for block in self.blocks:
+            graph = torch.cuda.CUDAGraph()
+            # the graphs run one after another, so they can share one memory pool
+            with torch.cuda.graph(graph, pool=pool), autocast(self.device, self.bf16, cache_enabled=False):
+                self.graph_step(block)
+            pool = graph.pool()
+            self.captured.append(graph)
+        torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    def load(self, b: int, z):
+        """Set the static buffers up for decoding block b from z: [B, T, D] (image order)."""
+        if self.u.shape[0] != z.shape[0]:
+            raise ValueError(f"this engine was built for batch {self.u.shape[0]}, got a batch of {z.shape[0]}")
+        self.u.copy_(self.blocks[b].permute(z))
+        self.x.copy_(self.u)                               # x_0 = z_0; later tokens are overwritten in turn
+        self.position.zero_()
+        for cache in self.caches:
+            cache.clear()
+
+    def block_inverse(self, b: int, z, steps: int | None = None):
+        """Noise -> data for block b. z: [B, T, D] (image order) -> x: [B, T, D].
+
+        `steps` decodes only tokens 1..steps (the benchmark times such a prefix).
+        """
+        self.load(b, z)
+        block, tokens = self.blocks[b], self.u.shape[1]
+        steps = tokens - 1 if steps is None else min(steps, tokens - 1)
+        with autocast(self.device, self.bf16):
+            for t in range(steps):
+                if self.captured:
+                    self.captured[b].replay()
+                else:
+                    self.step(block, t)
+        return block.permute(self.x).clone()
+
+    def inverse(self, z, y=None, progress=None):
+        """Tokens z: [B, T, D] -> data tokens, blocks last to first. `progress` wraps the block loop."""
+        if self.graphs and self.captured is None:
+            self.capture()
+        if y is None:
+            self.y.fill_(-1)
+        else:
+            self.y.copy_(y)
+        order = range(len(self.blocks) - 1, -1, -1)
+        for b in (progress(order) if progress else order):
+            z = self.block_inverse(b, z)
+        return z

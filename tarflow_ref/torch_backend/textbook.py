@@ -1,0 +1,66 @@
+"""The textbook sequential sampler: the readable baseline that the engine (engine.py) must equal.
+
+The same inverse as sampling.py (SPEC, "Inverse"):
+
+    x_0 = z_0;   x_{t+1} = z_{t+1} * exp(a_t) + m_t,   (a_t, m_t) from tokens 0..t,  t = 0..T-2
+
+written the way the released code does it: one token per step through MetaBlock.conditioner,
+keys and values appended to growing caches with torch.cat (copying the whole cache, O(t), every
+step), and guidance's conditional and unconditional branches as two separate passes
+(tarflow_ref/guidance.py `guided`). Clear and slow: about T * 2 * (20 L) small kernel launches
+per block. tests/test_engine.py proves the engine equal to it; benchmarks/sampling.py times both.
+"""
+import torch
+
+from ..flow import check_labels
+from ..guidance import Guidance, guided
+from ..model import check_tokens
+from .engine import autocast
+from .model import wide
+
+
+class GrowingKVCache:
+    """Keys and values of the tokens seen so far, for one layer and one branch: [B, H, t, d],
+    grown by concatenation (the interface of engine.KVCache; positions must come in order)."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def write(self, k, v, start):
+        """k, v: [B, H, n, d] at positions start..start+n-1 -> keys, values of 0..start+n-1."""
+        seen = 0 if self.k is None else self.k.shape[2]
+        if start != seen:
+            raise ValueError(f"a growing cache appends: expected position {seen}, got {start}")
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+@torch.no_grad()
+def block_inverse(block, z, y=None, guidance: Guidance | None = None, steps: int | None = None):
+    """Noise -> data for one block. z: [B, T, D] (image order) -> x: [B, T, D].
+
+    `steps` decodes only tokens 1..steps (the benchmark times such a prefix).
+    """
+    u = block.permute(z)
+    x = u.clone()
+    T = u.shape[1]
+    caches = tuple([GrowingKVCache() for _ in block.attn_blocks] for _ in range(2))  # (conditional, unconditional)
+    for t in range(T - 1 if steps is None else min(steps, T - 1)):
+        def branch(label, cache, temperature):
+            return block.conditioner(x[:, t:t + 1], label, t, cache, temperature)
+        a, m = guided(branch, y, caches, guidance, t, T)
+        x[:, t + 1] = u[:, t + 1] * torch.exp(wide(a[:, 0])) + m[:, 0]
+    return block.permute(x)
+
+
+@torch.no_grad()
+def inverse(model, z, y=None, guidance: Guidance | None = None, bf16=False, progress=None):
+    """Tokens z: [B, T, D] -> data tokens, blocks N-1..0 (sampling.inverse's signature)."""
+    check_tokens(z, model.config)
+    check_labels(y, model.config.num_classes, len(z))
+    blocks = list(reversed(model.blocks))
+    with autocast(z.device, bf16):
+        for block in (progress(blocks) if progress else blocks):
+            z = block_inverse(block, z, y, guidance)
+    return z
