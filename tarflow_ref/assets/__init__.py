@@ -1,0 +1,24 @@
+"""The bundled tiny model: a conditional TarFlow trained on scikit-learn's digits by train.py.
+
+`bundled_checkpoint()` is its path; it loads like any released file (`load_checkpoint`), and is
+the default model of the command line. README.md beside this file records the exact command
+that made it and the numbers measured on it.
+"""
+from pathlib import Path
+
+BUNDLED_NAME = "digits_model_1_64_4_1_0.10.pth"
+
+# what `python -m tarflow_ref sample` uses with the bundled model unless told otherwise
+BUNDLED_GUIDANCE = 2.0
+
+TRAINING_COMMAND = ("python -m tarflow_ref train --data digits --patch 1 --width 64 --blocks 4 --layers 1 "
+                    "--sigma 0.10 --steps 2000 --warmup 100 --batch-size 64 --lr 1e-3 --seed 0 "
+                    "--out-dir tarflow_ref/assets")
+
+
+def bundled_checkpoint() -> Path:
+    """The path of the bundled tiny digits model (a plain state dict in the released format)."""
+    path = Path(__file__).with_name(BUNDLED_NAME)
+    if not path.is_file():
+        raise FileNotFoundError(f"the bundled model {path} is missing; re-create it with: {TRAINING_COMMAND}")
+    return path

@@ -1,0 +1,249 @@
+"""Training by the released recipe (SPEC, "Whole model"; Zhai et al. 2024, Sec. 2.4 and 3).
+
+Each step draws a batch of 8-bit images x_int: [B, c, S, S] and labels y: [B], and minimises the
+per-dimension negative log-likelihood of the noise-augmented images
+
+    x = x_int / 255 * 2 - 1 + sigma * eps,   eps ~ N(0, I)          (Gaussian noise augmentation)
+    loss = 0.5 mean(z^2) - mean(logdet),     (z, logdet) = f(x, y~)   (TarFlow.loss)
+    y~ = -1 with probability p_drop (0.1), else y                    (for classifier-free guidance)
+
+with AdamW (betas 0.9, 0.95, weight decay 1e-4) and a learning rate that rises linearly over the
+warm-up steps and then follows a cosine to zero:
+
+    lr(s) = lr * (s + 1) / W                              for s < W
+    lr(s) = lr * 0.5 * (1 + cos(pi (s - W) / (N - W)))     for W <= s < N
+
+Randomness is stateless: the batch of step s is fixed by (seed, s) alone (data order: one
+permutation per epoch; noise, label drops and flips: a generator seeded with (seed, s)), so a
+run resumed at step s repeats an uninterrupted run exactly.
+
+Outputs (TarFlowConfig.file_name): the model as a plain state dict of float32 tensors under
+`{dataset}_model_{P}_{C}_{blocks}_{layers}_{sigma:.2f}.pth`, which load_checkpoint reads with
+no extra flags, and beside it `{same stem}.resume.pt` with the optimiser, the schedule, the step,
+the losses and the training settings, to resume.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from .config import TarFlowConfig
+from .data import load_dataset, to_model_range
+from .logdet import bits_per_dim, dequantize
+from .torch_backend.model import TarFlow
+
+RESUME_SUFFIX = ".resume.pt"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    data: str = "digits"           # 'digits' or an image folder with one sub-folder per class
+    image_size: int = 8
+    channels: int = 1
+    patch_size: int = 1
+    width: int = 64                # a multiple of 64: load_checkpoint assumes head width 64
+    blocks: int = 4
+    layers: int = 1
+    noise_std: float = 0.1         # sigma of the noise augmentation, also in the file name
+    conditional: bool = True
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 1e-4
+    drop_label: float = 0.1
+    flip: bool = False             # random horizontal flips (the recipe's, for natural images; not digits)
+    seed: int = 0
+    device: str = "cpu"
+    bf16: bool = False             # bfloat16 autocast, CUDA only
+
+    def __post_init__(self):
+        positive = ("image_size", "channels", "patch_size", "width", "blocks", "layers", "steps", "batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.width % 64:
+            raise ValueError(f"width must be a multiple of 64 (head width 64, as load_checkpoint assumes), "
+                             f"got {self.width}")
+        if not 0 <= self.warmup < self.steps:
+            raise ValueError(f"warm-up must be in 0..steps-1 = {self.steps - 1}, got {self.warmup}")
+        if self.noise_std < 0 or self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError("noise_std and weight_decay must be >= 0 and lr > 0, "
+                             f"got {self.noise_std}, {self.weight_decay}, {self.lr}")
+        if not 0 <= self.drop_label < 1:
+            raise ValueError(f"drop_label must be in [0, 1), got {self.drop_label}")
+        check_device(self.device, self.bf16)
+
+    @property
+    def dataset_name(self) -> str:
+        return "digits" if self.data == "digits" else Path(self.data).name
+
+    def model_config(self, num_classes: int) -> TarFlowConfig:
+        return TarFlowConfig(image_size=self.image_size, patch_size=self.patch_size, channels=self.channels,
+                             width=self.width, blocks=self.blocks, layers=self.layers,
+                             num_classes=num_classes if self.conditional else 0, head_dim=64,
+                             noise_std=self.noise_std)
+
+
+def check_device(device: str, bf16: bool):
+    """A clear error for CUDA without a GPU and for bfloat16 autocast off CUDA."""
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got '{device}'")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("CUDA was requested but no GPU is available; use --device cpu")
+    if bf16 and not device.startswith("cuda"):
+        raise ValueError("bfloat16 autocast (--bf16) needs --device cuda")
+
+
+def lr_factor(step: int, warmup: int, steps: int) -> float:
+    """The multiplier of the base learning rate at step `step` (0-based): warm-up, then cosine."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+
+
+def make_optimizer(model, s: TrainSettings):
+    """AdamW (betas 0.9, 0.95) and the warm-up + cosine schedule as a LambdaLR."""
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.95), weight_decay=s.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, s.warmup, s.steps))
+    return opt, sched
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The random stream of one step, fixed by (seed, step) alone."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Indices [B] of the step's batch: positions step*B .. step*B+B-1 of a stream of epochs,
+    each epoch a fresh permutation of the n images fixed by (seed, epoch)."""
+    positions = torch.arange(step * batch_size, (step + 1) * batch_size)
+    epochs, offsets = positions // n, positions % n
+    perms = {int(e): torch.randperm(n, generator=step_generator(seed, -1 - int(e))) for e in epochs.unique()}
+    return torch.stack([perms[int(e)][o] for e, o in zip(epochs, offsets)])
+
+
+def training_batch(images, labels, s: TrainSettings, step: int):
+    """(x: [B, c, S, S] noise-augmented in model range, y: [B] with dropped labels -1, or None)."""
+    idx = batch_indices(len(images), s.batch_size, s.seed, step)
+    gen = step_generator(s.seed, step)
+    x = to_model_range(images[idx.numpy()])
+    if s.flip:
+        flip = torch.rand(len(x), generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    x = x + s.noise_std * torch.randn(x.shape, generator=gen)
+    if not s.conditional:
+        return x, None
+    y = torch.as_tensor(labels[idx.numpy()])
+    drop = torch.rand(len(y), generator=gen) < s.drop_label
+    return x, torch.where(drop, -1, y)
+
+
+def autocast(s: TrainSettings):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if s.bf16 else contextlib.nullcontext()
+
+
+def train_step(model, opt, sched, x, y, s: TrainSettings) -> float:
+    """One optimiser step on a batch; returns the loss."""
+    with autocast(s):
+        loss = model.loss(x.to(s.device), None if y is None else y.to(s.device))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
+def save_model(model, path):
+    """The released format: a plain state dict of float32 CPU tensors."""
+    torch.save({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}, path)
+
+
+def resume_path(checkpoint) -> Path:
+    return Path(checkpoint).with_suffix(RESUME_SUFFIX)
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    step: int                      # steps done so far
+    losses: list                   # loss of every step from 0 to step - 1
+
+
+def train(s: TrainSettings, out_dir=".", *, resume=False, force=False, stop_after: int | None = None,
+          progress=None) -> TrainResult:
+    """Train (or resume) and write the checkpoint and its resume file into out_dir.
+
+    Refuses to overwrite an existing checkpoint unless resume (continue it) or force (start over).
+    stop_after: stop (and save) after this many steps in total, to continue later with resume.
+    progress: wraps the step range (e.g. tqdm); it may read `.set_postfix` for the loss.
+    """
+    images, labels, num_classes = load_dataset(s.data, s.image_size, s.channels)
+    cfg = s.model_config(num_classes)
+    path = Path(out_dir) / cfg.file_name(s.dataset_name)
+    if path.exists() and not (resume or force):
+        raise FileExistsError(f"{path} exists; pass resume to continue it or force to start over")
+    torch.manual_seed(s.seed)
+    model = TarFlow(cfg).to(s.device)
+    opt, sched = make_optimizer(model, s)
+    step, losses = 0, []
+    if resume:
+        step, losses = load_resume(path, s, model, opt, sched)
+    end = s.steps if stop_after is None else min(s.steps, stop_after)
+    model.train()
+    steps = range(step, end)
+    bar = progress(steps) if progress else steps
+    for step in bar:
+        x, y = training_batch(images, labels, s, step)
+        losses.append(train_step(model, opt, sched, x, y, s))
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    save_model(model, path)
+    torch.save({"settings": asdict(s), "step": len(losses), "losses": losses,
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, resume_path(path))
+    return TrainResult(path, len(losses), losses)
+
+
+def load_resume(path: Path, s: TrainSettings, model, opt, sched):
+    """Restore model, optimiser and schedule; the settings must match the interrupted run's."""
+    rpath = resume_path(path)
+    if not path.exists() or not rpath.exists():
+        raise FileNotFoundError(f"cannot resume: {path if not path.exists() else rpath} does not exist")
+    state = torch.load(rpath, map_location="cpu", weights_only=True)
+    saved = state["settings"]
+    # device and bf16 may change between sessions; everything else shapes the run
+    differ = [f.name for f in fields(s) if f.name not in ("device", "bf16") and saved.get(f.name) != getattr(s, f.name)]
+    if differ:
+        raise ValueError("cannot resume with different settings: " +
+                         ", ".join(f"{k} was {saved.get(k)!r}, now {getattr(s, k)!r}" for k in differ))
+    model.load_state_dict(torch.load(path, map_location=s.device, weights_only=True), strict=True)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return state["step"], list(state["losses"])
+
+
+@torch.no_grad()
+def evaluate_bpd(model, images, labels=None, *, batch_size: int = 256, seed: int = 0, progress=None) -> float:
+    """Mean bits per dimension of 8-bit images [N, c, S, S] (SPEC, uniform dequantisation).
+
+    A conditional model is scored as -log p(x | y) with the true labels; labels None uses the
+    model's unlabelled branch (the mean class embedding).
+    """
+    import numpy as np
+
+    model.eval()
+    device = next(model.parameters()).device
+    rng = np.random.default_rng(seed)
+    starts = range(0, len(images), batch_size)
+    total = 0.0
+    for start in (progress(starts) if progress else starts):
+        x = torch.as_tensor(dequantize(images[start:start + batch_size], rng), dtype=torch.float32, device=device)
+        y = None if labels is None else torch.as_tensor(labels[start:start + batch_size], device=device)
+        z, logdet = model(x, y)
+        total += bits_per_dim(z.double(), logdet.double()).sum().item()
+    return total / len(images)
