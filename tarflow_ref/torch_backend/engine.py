@@ -163,6 +163,7 @@ class Engine:
         self.step(block, self.position)
         self.position.add_(1)
 
+    @torch.no_grad()
     def capture(self) -> float:
         """Record one CUDA graph per block (after warm-up steps on a side stream); returns seconds."""
         torch.cuda.synchronize()
@@ -199,6 +200,7 @@ class Engine:
         for cache in self.caches:
             cache.clear()
 
+    @torch.no_grad()
     def block_inverse(self, b: int, z, steps: int | None = None):
         """Noise -> data for block b. z: [B, T, D] (image order) -> x: [B, T, D].
 
@@ -215,6 +217,7 @@ class Engine:
                     self.step(block, t)
         return block.permute(self.x).clone()
 
+    @torch.no_grad()
     def inverse(self, z, y=None, progress=None):
         """Tokens z: [B, T, D] -> data tokens, blocks last to first. `progress` wraps the block loop."""
         if self.graphs and self.captured is None:
