@@ -1,0 +1,190 @@
+"""Jacobi and GS-Jacobi sampling in torch, and a strategy found automatically (Liu & Qin 2025; SPEC,
+"Jacobi and GS-Jacobi inversion"). The math and the solver loop are tarflow_ref/jacobi.py; here
+every evaluation goes through `sampling.guided_conditioner` with `sampling.new_caches`, the same
+primitive as the sequential sampler (and whatever makes it fast).
+
+auto_strategy(model, y, guidance, tol, batch): the cheapest strategy whose samples stay within
+`tol` (max |x - x_seq| over all image values) of the sequential sampler on a batch of seeded noise:
+
+  1. Sample the batch sequentially, keeping every block's input and output (the reference chain).
+  2. IGM and CRM of every block from that chain (tarflow_ref/diagnostics.py): a forward pass of
+     the samples reproduces it. Each block starts from the guess with the smaller IGM. Blocks
+     whose CRM is at least twice the median ("tough" blocks) may use any G dividing T; the
+     others use plain Jacobi (G = 1) or, as the always-exact fallback, G = T (sequential).
+  3. Per block, from the reference input, the smallest J whose output is within a per-block
+     budget of the reference output, for each allowed G: for G = 1 one run of T - 1 iterations
+     shows every J at once; otherwise a binary search over 1..M-1 (assuming the error falls
+     with J). The block takes the (G, J) with the fewest steps (sequential transformer calls),
+     then the fewest token passes. The budget starts at tol / N.
+  4. Sample the batch with the result; if it misses tol (errors grow through later blocks),
+     quarter the budget and repeat step 3 (at most 6 rounds; then the sequential strategy).
+
+The search costs one sequential sample of the batch, one Jacobi run per block, and O(log M)
+GS-Jacobi runs per tough block and candidate G, per round.
+"""
+import numpy as np
+import torch
+
+from ..diagnostics import Trace, block_metrics_torch
+from ..flow import check_labels
+from ..guidance import Guidance
+from ..jacobi import Ops, solve_block
+from ..model import check_tokens
+from ..patchify import unpatchify
+from ..strategy import BlockPlan, Strategy, as_strategy, block_cost
+from .model import wide
+from .sampling import autocast, block_inverse, guided_conditioner, new_caches
+
+TORCH = Ops(torch.clone, torch.zeros_like, lambda a: torch.exp(wide(a)), torch.clamp, torch.isfinite, torch.where,
+            lambda v: float(torch.linalg.vector_norm(v)),
+            lambda mask: int(mask.to(torch.uint8).argmax()) if bool(mask.any()) else len(mask))
+
+
+def block_inverse_gsj(block, z, y=None, plan: BlockPlan = None, guidance: Guidance | None = None, record=None):
+    """Noise -> data for one block by GS-Jacobi. z: [B, T, D] (image order) -> x: [B, T, D]."""
+    if plan is None:
+        raise ValueError("block_inverse_gsj needs a BlockPlan (G, J, guess)")
+    u = block.permute(z)
+    caches = new_caches(block, u.shape[1])
+
+    def evaluate(chunk, start):
+        return guided_conditioner(block, chunk, y, start, caches, guidance)
+    return block.permute(solve_block(u, evaluate, plan, TORCH, record))
+
+
+@torch.no_grad()
+def inverse_gsj(model, z, y=None, strategy=None, guidance: Guidance | None = None, bf16=False, progress=None,
+                trace=None):
+    """Tokens z: [B, T, D] -> data tokens, blocks N-1..0 by `strategy` (a Strategy or text for
+    strategy.parse_strategy). `progress` wraps the block loop (tqdm); trace: diagnostics.Trace."""
+    cfg = model.config
+    strategy = as_strategy(strategy, cfg)
+    check_tokens(z, cfg)
+    check_labels(y, cfg.num_classes, len(z))
+    order = list(reversed(range(cfg.blocks)))
+    with autocast(z.device, bf16):
+        for b in (progress(order) if progress else order):
+            plan = strategy.block_plan(b, cfg)
+            record = None if trace is None else trace.block(b, plan, guidance)
+            z = block_inverse_gsj(model.blocks[b], z, y, plan, guidance, record)
+    return z
+
+
+@torch.no_grad()
+def sample_gsj(model, noise, y=None, strategy=None, guidance: Guidance | None = None, bf16=False, progress=None,
+               trace=None):
+    """Noise [B, T, D] ~ N(0, I) -> image [B, c, S, S] (before denoising and clipping), like
+    tarflow_ref.sample but by GS-Jacobi. strategy: a Strategy, text, or 'auto' (auto_strategy
+    on a small batch of this model first, with the same labels and guidance)."""
+    cfg = model.config
+    if isinstance(strategy, str) and strategy.strip() == "auto":
+        check_tokens(noise, cfg)
+        check_labels(y, cfg.num_classes, len(noise))
+        strategy = auto_strategy(model, y, guidance)
+    strategy = as_strategy(strategy, cfg)
+    check_tokens(noise, cfg)
+    tokens = inverse_gsj(model, noise * model.var.sqrt(), y, strategy, guidance, bf16, progress, trace)
+    return unpatchify(tokens, cfg.patch_size, cfg.channels)
+
+
+def divisors(n: int) -> list:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@torch.no_grad()
+def auto_strategy(model, y=None, guidance: Guidance | None = None, tol: float = 1e-3, batch: int = 4,
+                  seed: int = 0) -> Strategy:
+    """The strategy with the fewest steps found by the search in the module docstring.
+
+    y: None or labels [B] (their number sets the batch when given); tol: max abs deviation from
+    the sequential samples allowed on the search batch.
+    """
+    cfg = model.config
+    if not tol > 0:
+        raise ValueError(f"tolerance must be > 0, got {tol}")
+    if y is not None:
+        batch = len(y)
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    check_labels(y, cfg.num_classes, batch)
+    T, N = cfg.tokens, cfg.blocks
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    var = model.var
+    noise = torch.randn(batch, T, cfg.token_dim, generator=gen, dtype=torch.float64).to(var) * var.sqrt()
+
+    inputs, outputs = {}, {}                          # the sequential reference chain, per forward block
+    z = noise
+    for b in reversed(range(N)):
+        inputs[b] = z
+        outputs[b] = z = block_inverse(model.blocks[b], z, y, guidance)
+    reference = z
+    if not bool(torch.isfinite(reference).all()):
+        raise ValueError("the sequential samples of the search batch are not finite (the model overflows "
+                         "on this noise); try another seed")
+
+    metrics = {b: block_metrics_torch(model.blocks[b], outputs[b], inputs[b], y) for b in range(N)}
+    crm = np.array([metrics[b][1] for b in range(N)])
+    tough = crm >= 2 * np.median(crm)
+
+    budget = tol / N
+    for _ in range(6):
+        plans = {}
+        for b in range(N):
+            guess = int(np.argmin(metrics[b][0]))
+            candidates = divisors(T) if tough[b] else [1, T]
+            plans[b] = _cheapest_plan(model.blocks[b], inputs[b], outputs[b], y, guidance, guess, candidates,
+                                      budget)
+        order = list(reversed(range(N)))              # sampling order
+        strategy = Strategy([plans[b].modules for b in order], [plans[b].iterations for b in order],
+                            [plans[b].guess for b in order])
+        if _max_error(inverse_gsj(model, noise, y, strategy, guidance), reference) <= tol:
+            return strategy
+        budget /= 4
+    return Strategy.uniform(N, 0, 1)
+
+
+def _cheapest_plan(block, z, x_ref, y, guidance, guess, candidates, budget) -> BlockPlan:
+    """Fewest steps, then fewest token passes, among the candidate G with their smallest J."""
+    T = z.shape[1]
+    best = None
+    for G in candidates:
+        M = T // G
+        if M == 1:
+            plan = BlockPlan(G, 1, guess)
+        else:
+            plan = _smallest_iterations(block, z, x_ref, y, guidance, G, guess, budget)
+            if plan is None:
+                continue
+        passes, steps = block_cost(T, G, [min(plan.iterations, M - 1)] * G)
+        key = (steps, passes)
+        if best is None or key < best[0]:
+            best = (key, plan)
+    return best[1]
+
+
+def _smallest_iterations(block, z, x_ref, y, guidance, G, guess, budget):
+    """The BlockPlan with the smallest J in 1..M-1 within budget; None if none."""
+    lo, hi = 1, z.shape[1] // G - 1
+    if G == 1:
+        # plain Jacobi: a run of J iterations passes through the result of every shorter run
+        trace, plan = Trace(keep_iterates=True), BlockPlan(1, hi, guess)
+        block_inverse_gsj(block, z, y, plan, guidance, trace.block(0, plan))
+        target = block.permute(x_ref)
+        for J, x in enumerate(trace.iterates[(0, 0)], start=1):
+            if _max_error(x, target) <= budget:
+                return BlockPlan(1, J, guess)
+        return None
+    # otherwise the finishing passes depend on J: binary search, assuming the error falls with J
+    if not _max_error(block_inverse_gsj(block, z, y, BlockPlan(G, hi, guess), guidance), x_ref) <= budget:
+        return None                                   # (a NaN error fails too)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _max_error(block_inverse_gsj(block, z, y, BlockPlan(G, mid, guess), guidance), x_ref) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return BlockPlan(G, lo, guess)
+
+
+def _max_error(x, x_ref) -> float:
+    return float((x - x_ref).abs().max())

@@ -1,0 +1,341 @@
+"""Jacobi and GS-Jacobi inversion (tarflow_ref/jacobi.py, torch_backend/jacobi.py) against
+independent references, on random small models with weights away from the initialisation:
+
+* enough iterations == the sequential inverse (float64, relative error < 1e-9), with and without
+  guidance (plain, annealed, by temperature);
+* plain Jacobi is exact after T - 1 iterations and not after T - 2; after k iterations exactly
+  the first k + 1 tokens are exact (the triangular structure);
+* stopped early, the KV-cache solver equals a brute-force GS-Jacobi that recomputes the whole
+  sequence without any cache (so module boundaries and cache rows are right);
+* NumPy == torch in float64 for the same strategy, also when stopped early;
+* the tokens and calls counted at the transformer equal the cost formula;
+* bad strategies and inputs fail with clear messages before any transformer pass.
+"""
+import numpy as np
+import pytest
+import torch
+
+import tarflow_ref.flow as flow
+import tarflow_ref.jacobi as jacobi
+from tarflow_ref import Guidance, model as np_model, sample
+from tarflow_ref.diagnostics import Trace
+from tarflow_ref.flow import block_params, guided_conditioner, new_caches, permute
+from tarflow_ref.strategy import BlockPlan, Strategy, block_cost
+from tarflow_ref.torch_backend import jacobi as tj
+from tarflow_ref.torch_backend import sampling
+from tarflow_ref.torch_backend.model import MetaBlock
+
+from conftest import SMALL_CONFIGS, make_model
+
+NAMES = list(SMALL_CONFIGS)
+GUIDANCE = {
+    "none": None,
+    "ab": Guidance(1.5, "ab"),
+    "a-annealed": Guidance(2.0, "a", annealed=True),
+    "b-tau": Guidance(0.8, "b", temperature=0.6),
+}
+
+
+def setup(name, seed=3, batch=3):
+    """cfg, torch model (float64), NumPy params, noise z [B, T, D], labels (NumPy, torch)."""
+    cfg = SMALL_CONFIGS[name]
+    # out_scale 0.2: far from the identity, yet the sequential inverse of these random models stays finite
+    model, params = make_model(cfg, seed=seed, out_scale=0.2)
+    z = np.random.default_rng(seed).standard_normal((batch, cfg.tokens, cfg.token_dim))
+    y = np.array([cfg.num_classes - 1, -1, 0][:batch]) if cfg.conditional else None
+    return cfg, model, params, z, (y, None if y is None else torch.from_numpy(y))
+
+
+def rel_err(got, want):
+    got = got.numpy() if isinstance(got, torch.Tensor) else got
+    return np.abs(got - want).max() / np.abs(want).max()
+
+
+def brute_force_gsj(pb, z, y, cfg, reverse, modules, iterations, guess, guidance=None, clamp=False):
+    """GS-Jacobi straight from its definition, re-evaluating the whole sequence (no cache reuse).
+
+    iterations: one count per module. F(x)_0 = z_0, F(x)_{t+1} = z_{t+1} exp(a_t(x)) + m_t(x).
+    """
+    u = permute(z, reverse)
+    T = u.shape[1]
+    M = T // modules
+
+    def F(x):
+        caches = (new_caches(cfg, len(x)), new_caches(cfg, len(x)))
+        a, m = guided_conditioner(pb, x, y, cfg, reverse, 0, caches, guidance)
+        out = np.concatenate([u[:, :1], u[:, 1:] * np.exp(a[:, :-1]) + m[:, :-1]], axis=1)
+        return np.clip(out, -3, 3) if clamp else out
+
+    x = u.copy() if guess == 0 else np.concatenate([u[:, :1], np.zeros_like(u[:, 1:])], axis=1)
+    for i, s in enumerate(range(0, T, M)):
+        if s > 0:
+            x[:, s] = F(x)[:, s]                 # from the finished previous module
+        for _ in range(iterations[i]):
+            x[:, s + 1:s + M] = F(x)[:, s + 1:s + M]
+    return permute(x, reverse)
+
+
+# ---------------------------------------------------------------- NumPy: exactness and theory
+
+@pytest.mark.parametrize("guidance", list(GUIDANCE))
+@pytest.mark.parametrize("name", NAMES)
+def test_plain_jacobi_is_exact_after_T_minus_1_iterations_and_not_before(name, guidance):
+    cfg, _, params, z, (y, _) = setup(name)
+    g = GUIDANCE[guidance]
+    T = cfg.tokens
+    b = cfg.blocks - 1                                     # the block the sampler inverts first
+    pb, reverse = block_params(params, b), b % 2 == 1
+    exact = flow.block_inverse(pb, z, y, cfg, reverse, g)
+    full = jacobi.block_inverse_gsj(pb, z, y, cfg, reverse, BlockPlan(1, T - 1), g)
+    short = jacobi.block_inverse_gsj(pb, z, y, cfg, reverse, BlockPlan(1, T - 2), g)
+    more = jacobi.block_inverse_gsj(pb, z, y, cfg, reverse, BlockPlan(1, 10 * T), g)   # capped at T - 1
+    assert rel_err(full, exact) < 1e-9
+    assert np.array_equal(more, full)
+    assert rel_err(short, exact) > 1e-11                   # far above the rounding of an exact result
+
+
+@pytest.mark.parametrize("guess", [0, 1])
+@pytest.mark.parametrize("name", ["cond-even-P2", "cond-odd-P1-gray"])
+def test_after_k_iterations_the_first_k_plus_1_tokens_are_exact(name, guess):
+    cfg, _, params, z, (y, _) = setup(name)
+    pb = block_params(params, 0)
+    exact = flow.block_inverse(pb, z, y, cfg, False)       # block 0: identity token order
+    trace = Trace(keep_iterates=True)
+    plan = BlockPlan(1, cfg.tokens - 1, guess)
+    jacobi.block_inverse_gsj(pb, z, y, cfg, False, plan, record=trace.block(0, plan))
+    iterates = trace.iterates[(0, 0)]
+    assert len(iterates) == cfg.tokens - 1
+    for k, x in enumerate(iterates, start=1):
+        error = np.abs(x - exact).max(axis=(0, 2))          # per token
+        assert error[:k + 1].max() < 1e-13 * np.abs(exact).max()
+        if k + 1 < cfg.tokens:
+            assert error[k + 1] > 1e-11 * np.abs(exact).max()  # the next token is not exact yet
+
+
+@pytest.mark.parametrize("guidance", list(GUIDANCE))
+@pytest.mark.parametrize("name", NAMES)
+def test_gs_jacobi_equals_the_sequential_inverse(name, guidance):
+    cfg, _, params, z, (y, _) = setup(name)
+    g = GUIDANCE[guidance]
+    T, N = cfg.tokens, cfg.blocks
+    sequential = np_model.inverse(params, cfg, z, y, g)
+    for modules in (1, 2, T // 2, T, 0):
+        for guess in (0, 1):
+            strategy = Strategy.uniform(N, modules, T, guess)
+            assert rel_err(jacobi.inverse_gsj(params, cfg, z, y, strategy, g), sequential) < 1e-9
+    mixed = Strategy(([2, 0, 4] * N)[:N], ([T, 1, T] * N)[:N], ([1, 0, 0] * N)[:N])
+    assert rel_err(jacobi.inverse_gsj(params, cfg, z, y, mixed, g), sequential) < 1e-9
+    # the image-level entry point: noise * sqrt(var) first, like model.sample
+    assert rel_err(jacobi.sample_gsj(params, cfg, z, y, mixed, g), np_model.sample(params, cfg, z, y, g)) < 1e-9
+
+
+@pytest.mark.parametrize("guidance", ["none", "a-annealed"])
+@pytest.mark.parametrize("clamp", [False, True])
+@pytest.mark.parametrize("name", NAMES)
+def test_unconverged_gs_jacobi_equals_the_brute_force_definition(name, clamp, guidance):
+    cfg, _, params, z, (y, _) = setup(name)
+    g = GUIDANCE[guidance]
+    T = cfg.tokens
+    for b in range(cfg.blocks):
+        pb, reverse = block_params(params, b), b % 2 == 1
+        for modules, J in ((1, 2), (2, 1), (2, T // 2 - 2), (T // 2, 1), (T, 1)):
+            M = T // modules
+            if J < 1 or (J > M - 1 and M > 1):
+                continue
+            plan = BlockPlan(modules, J, guess=b % 2, clamp=clamp)
+            got = jacobi.block_inverse_gsj(pb, z, y, cfg, reverse, plan, g)
+            want = brute_force_gsj(pb, z, y, cfg, reverse, modules, [min(J, M - 1)] * modules, b % 2, g, clamp)
+            assert np.abs(got - want).max() < 1e-11 * np.abs(want).max(), (b, modules, J)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_early_stop_runs_each_module_until_its_residual_is_below_eps(name):
+    cfg, _, params, z, (y, _) = setup(name)
+    T = cfg.tokens
+    b = cfg.blocks - 1
+    pb, reverse = block_params(params, b), b % 2 == 1
+    plan = BlockPlan(2, T, tol=1e-4)
+    trace = Trace()
+    got = jacobi.block_inverse_gsj(pb, z, y, cfg, reverse, plan, record=trace.block(b, plan))
+    K = trace.iterations(b)
+    assert min(K) >= 1 and max(K) <= T // 2 - 1
+    for i, k in enumerate(K):
+        residuals = trace.residuals[(b, i)]
+        assert residuals[-1] < 1e-4 or k == T // 2 - 1
+        assert all(r >= 1e-4 for r in residuals[:-1])
+    want = brute_force_gsj(pb, z, y, cfg, reverse, 2, K, 0)
+    assert np.abs(got - want).max() < 1e-11 * np.abs(want).max()
+
+
+def test_clamping_keeps_iterates_in_range():
+    cfg, _, params, z, (y, _) = setup("cond-even-P2")
+    pb = block_params(params, 0)
+    exact = flow.block_inverse(pb, z, y, cfg, False)
+    assert np.abs(exact[:, 1:]).max() > 3                  # so clamping must change something
+    clamped = jacobi.block_inverse_gsj(pb, z, y, cfg, False, BlockPlan(1, cfg.tokens - 1, clamp=True))
+    assert np.abs(clamped[:, 1:]).max() <= 3               # token 0 is z_0, never an iterate
+    assert np.array_equal(clamped[:, 0], z[:, 0])
+    assert rel_err(clamped, exact) > 1e-3
+
+
+def test_an_overflowing_iterate_restarts_at_zero():
+    u = np.array([[[1.0, 2.0], [3.0, -1.0]]])                      # [B=1, n=2, D=2]
+    a = np.array([[[0.5, 800.0], [-1.0, 900.0]]])                  # exp(800) overflows float64
+    m = np.full_like(u, 0.25)
+    x = jacobi.affine_step(u, a, m, clamp=False)
+    assert np.array_equal(x[..., 0], u[..., 0] * np.exp(a[..., 0]) + 0.25)
+    assert np.array_equal(x[..., 1], [[0.0, 0.0]])
+
+
+# ---------------------------------------------------------------- counting the transformer's work
+
+def counting(monkeypatch, module, name):
+    """Wrap module.name (a conditioner) to count its calls and the tokens x samples it is given."""
+    seen = {"calls": 0, "token_samples": 0}
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        u = args[1]                                        # (self or block params, tokens, ...)
+        seen["calls"] += 1
+        seen["token_samples"] += u.shape[0] * u.shape[1]
+        return original(*args, **kwargs)
+    monkeypatch.setattr(module, name, counted)
+    return seen
+
+
+@pytest.mark.parametrize("guidance", ["none", "ab"])
+@pytest.mark.parametrize("tol", [0.0, 1e-3])
+def test_numpy_token_passes_match_the_formula(monkeypatch, guidance, tol):
+    name = "cond-even-P2"
+    cfg, _, params, z, (y, _) = setup(name)
+    g = GUIDANCE[guidance]
+    B, T = len(z), cfg.tokens
+    strategy = Strategy((2, 0), (T, 1), (0, 1), tol=tol)
+    seen = counting(monkeypatch, flow, "conditioner")
+    steps = counting(monkeypatch, jacobi, "guided_conditioner")
+    trace = Trace()
+    jacobi.inverse_gsj(params, cfg, z, y, strategy, g, trace)
+    branches = 2 if g else 1
+    formula = sum(block_cost(T, trace.plans[b].modules, trace.iterations(b))[0] for b in range(cfg.blocks))
+    assert seen["token_samples"] == B * trace.cost().token_passes == B * branches * formula
+    assert steps["calls"] == trace.cost().steps
+    if tol == 0:
+        assert trace.cost() == strategy.cost(cfg, g)
+    else:
+        assert trace.cost().token_passes < strategy.cost(cfg, g).token_passes    # it stopped early
+
+
+@pytest.mark.parametrize("guidance", ["none", "a-annealed"])
+def test_torch_token_passes_match_the_formula(monkeypatch, guidance):
+    cfg, model, _, z, (_, ty) = setup("cond-odd-P1-gray")
+    g = GUIDANCE[guidance]
+    T = cfg.tokens
+    strategy = Strategy((4,), (2,), (1,))
+    seen = counting(monkeypatch, MetaBlock, "conditioner")
+    trace = Trace()
+    tj.inverse_gsj(model, torch.from_numpy(z), ty, strategy, g, trace=trace)
+    # the engine runs both guidance branches as one batch of 2B: count token x sample pairs
+    assert seen["token_samples"] == len(z) * strategy.cost(cfg, g).token_passes
+    assert seen["calls"] == strategy.cost(cfg, g).steps == 4 * 2 + 3
+    assert trace.cost() == strategy.cost(cfg, g)
+    assert trace.iterations(0) == [2] * 4 and T == 16
+
+
+# ---------------------------------------------------------------- torch == NumPy, torch == sequential
+
+@pytest.mark.parametrize("guidance", ["none", "a-annealed", "b-tau"])
+@pytest.mark.parametrize("name", NAMES)
+def test_torch_agrees_with_numpy_in_float64(name, guidance):
+    cfg, model, params, z, (y, ty) = setup(name)
+    g = GUIDANCE[guidance]
+    T, N = cfg.tokens, cfg.blocks
+    for strategy in (Strategy.uniform(N, 2, 2, 1),                       # far from converged
+                     Strategy.uniform(N, 1, T, 0, tol=1e-3),             # stopped early
+                     Strategy.uniform(N, T // 2, 1, 0, clamp=True)):
+        np_trace, torch_trace = Trace(), Trace()
+        want = jacobi.inverse_gsj(params, cfg, z, y, strategy, g, np_trace)
+        got = tj.inverse_gsj(model, torch.from_numpy(z), ty, strategy, g, trace=torch_trace)
+        assert rel_err(got, want) < 1e-10
+        assert torch_trace.cost() == np_trace.cost()
+        assert [torch_trace.iterations(b) for b in range(N)] == [np_trace.iterations(b) for b in range(N)]
+
+
+@pytest.mark.parametrize("guidance", ["none", "ab", "a-annealed"])
+@pytest.mark.parametrize("name", NAMES)
+def test_torch_gs_jacobi_equals_the_torch_sequential_sampler(name, guidance):
+    cfg, model, _, z, (_, ty) = setup(name)
+    g = GUIDANCE[guidance]
+    T, N = cfg.tokens, cfg.blocks
+    noise = torch.from_numpy(z)
+    want = sample(model, noise, ty, g)
+    strategy = Strategy(([1, 2, 0] * N)[:N], [T] * N, ([0, 1, 0] * N)[:N])
+    assert rel_err(tj.sample_gsj(model, noise, ty, strategy, g), want.numpy()) < 1e-9
+    assert rel_err(tj.sample_gsj(model, noise, ty, strategy.to_text(), g), want.numpy()) < 1e-9
+    sequential = tj.inverse_gsj(model, noise, ty, Strategy.uniform(N, 0, 1), g)
+    assert torch.equal(sequential, sampling.inverse(model, noise, ty, g))   # the very same arithmetic
+
+
+# ---------------------------------------------------------------- bad input, before any work
+
+@pytest.mark.parametrize("strategy, message", [
+    (Strategy.uniform(5, 1, 2), "has 5 entries per list but the model has 2 flow blocks"),
+    ("G=[3,1] J=[2,2]", "G[0] = 3 cannot cut the T = 16 tokens"),
+    ("G=[1,1] J=[0,2]", "J[0] = 0"),
+    ("G=[-1,1] J=[2,2]", "G[0] = -1"),
+    ("afhq9", "unknown strategy preset 'afhq9'"),
+    ("afhq256", "has 8 entries per list but the model has 2 flow blocks"),
+    (None, "no strategy given"),
+    (42, "expected a Strategy or strategy text"),
+])
+def test_bad_strategies_fail_before_any_work(monkeypatch, strategy, message):
+    cfg, model, params, z, (y, ty) = setup("cond-even-P2")
+    seen = counting(monkeypatch, MetaBlock, "conditioner")
+    np_seen = counting(monkeypatch, flow, "conditioner")
+    with pytest.raises(ValueError) as err:
+        tj.sample_gsj(model, torch.from_numpy(z), ty, strategy)
+    assert message in str(err.value)
+    with pytest.raises(ValueError) as err:
+        jacobi.sample_gsj(params, cfg, z, y, strategy)
+    assert message in str(err.value)
+    assert seen["calls"] == np_seen["calls"] == 0
+
+
+def test_bad_inputs_fail_clearly():
+    cfg, model, params, z, (y, ty) = setup("cond-even-P2")
+    strategy = Strategy.uniform(cfg.blocks, 2, 3)
+    with pytest.raises(ValueError, match=r"expected z of shape \[B, 16, 12\]"):
+        tj.sample_gsj(model, torch.zeros(2, 15, 12, dtype=torch.float64), None, strategy)
+    with pytest.raises(ValueError, match="labels must be < 4"):
+        tj.sample_gsj(model, torch.from_numpy(z), torch.tensor([4, 0, 0]), strategy)
+    with pytest.raises(ValueError, match="cannot cut the T = 16"):
+        jacobi.block_inverse_gsj(block_params(params, 0), z, y, cfg, False, BlockPlan(5, 1))
+    with pytest.raises(ValueError, match="tolerance must be > 0"):
+        tj.auto_strategy(model, ty, tol=0)
+
+
+# ---------------------------------------------------------------- the automatic strategy
+
+def test_auto_strategy_meets_its_tolerance_with_fewer_steps():
+    cfg, model, _, _, (_, ty) = setup("cond-even-P2")
+    tol = 1e-4
+    strategy = tj.auto_strategy(model, ty, tol=tol, batch=3, seed=5)
+    sequential = Strategy.uniform(cfg.blocks, 0, 1)
+    assert strategy.cost(cfg).steps < sequential.cost(cfg).steps
+    gen = torch.Generator().manual_seed(5)                 # the search batch, drawn as the search draws it
+    noise = torch.randn(3, cfg.tokens, cfg.token_dim, generator=gen, dtype=torch.float64)
+    error = (tj.sample_gsj(model, noise, ty, strategy) - sample(model, noise, ty)).abs().max()
+    assert error <= tol
+
+
+# ---------------------------------------------------------------- CUDA: bfloat16 autocast
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 autocast sampling is for CUDA")
+def test_bf16_gs_jacobi_on_cuda_is_close_to_the_sequential_sampler():
+    cfg, model, _, z, (_, ty) = setup("cond-even-P2")
+    model = model.float().cuda()
+    noise, ty = torch.from_numpy(z).float().cuda(), ty.cuda()
+    strategy = Strategy.uniform(cfg.blocks, 2, cfg.tokens)
+    want = sample(model, noise, ty, bf16=True)
+    got = tj.sample_gsj(model, noise, ty, strategy, bf16=True)
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max() < 0.1 * want.abs().max()
