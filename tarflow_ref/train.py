@@ -77,10 +77,16 @@ class TrainSettings:
         if not 0 <= self.drop_label < 1:
             raise ValueError(f"drop_label must be in [0, 1), got {self.drop_label}")
         check_device(self.device, self.bf16)
+        self.model_config(0)                        # a ConfigError names shapes that make no TarFlow
 
     @property
     def dataset_name(self) -> str:
         return "digits" if self.data == "digits" else Path(self.data).name
+
+    @property
+    def file_name(self) -> str:
+        """The released pattern {dataset}_model_{P}_{C}_{blocks}_{layers}_{sigma:.2f}.pth."""
+        return self.model_config(0).file_name(self.dataset_name)
 
     def model_config(self, num_classes: int) -> TarFlowConfig:
         return TarFlowConfig(image_size=self.image_size, patch_size=self.patch_size, channels=self.channels,
@@ -182,11 +188,13 @@ def train(s: TrainSettings, out_dir=".", *, resume=False, force=False, stop_afte
     stop_after: stop (and save) after this many steps in total, to continue later with resume.
     progress: wraps the step range (e.g. tqdm); it may read `.set_postfix` for the loss.
     """
+    path = Path(out_dir) / s.file_name
+    if path.exists() and not (resume or force):
+        raise FileExistsError(f"{path} exists; resume it (--resume) or start over (--force)")
+    if resume and not (path.exists() and resume_path(path).exists()):
+        raise FileNotFoundError(f"cannot resume: {path if not path.exists() else resume_path(path)} does not exist")
     images, labels, num_classes = load_dataset(s.data, s.image_size, s.channels)
     cfg = s.model_config(num_classes)
-    path = Path(out_dir) / cfg.file_name(s.dataset_name)
-    if path.exists() and not (resume or force):
-        raise FileExistsError(f"{path} exists; pass resume to continue it or force to start over")
     torch.manual_seed(s.seed)
     model = TarFlow(cfg).to(s.device)
     opt, sched = make_optimizer(model, s)
@@ -211,10 +219,7 @@ def train(s: TrainSettings, out_dir=".", *, resume=False, force=False, stop_afte
 
 def load_resume(path: Path, s: TrainSettings, model, opt, sched):
     """Restore model, optimiser and schedule; the settings must match the interrupted run's."""
-    rpath = resume_path(path)
-    if not path.exists() or not rpath.exists():
-        raise FileNotFoundError(f"cannot resume: {path if not path.exists() else rpath} does not exist")
-    state = torch.load(rpath, map_location="cpu", weights_only=True)
+    state = torch.load(resume_path(path), map_location="cpu", weights_only=True)
     saved = state["settings"]
     # device and bf16 may change between sessions; everything else shapes the run
     differ = [f.name for f in fields(s) if f.name not in ("device", "bf16") and saved.get(f.name) != getattr(s, f.name)]

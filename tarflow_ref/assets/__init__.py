@@ -9,7 +9,7 @@ from pathlib import Path
 BUNDLED_NAME = "digits_model_1_64_4_1_0.10.pth"
 
 # what `python -m tarflow_ref sample` uses with the bundled model unless told otherwise
-BUNDLED_GUIDANCE = 2.0
+BUNDLED_GUIDANCE = 1.0
 
 TRAINING_COMMAND = ("python -m tarflow_ref train --data digits --patch 1 --width 64 --blocks 4 --layers 1 "
                     "--sigma 0.10 --steps 2000 --warmup 100 --batch-size 64 --lr 1e-3 --seed 0 "
