@@ -92,16 +92,18 @@ def divisors(n: int) -> list:
 
 
 @torch.no_grad()
-def auto_strategy(model, y=None, guidance: Guidance | None = None, tol: float = 1e-3, batch: int = 4,
-                  seed: int = 0) -> Strategy:
+def auto_strategy(model, y=None, guidance: Guidance | None = None, tol: float = 1e-3, batch: int = 8,
+                  seed: int = 0, safety: float = 10.0) -> Strategy:
     """The strategy with the fewest steps found by the search in the module docstring.
 
-    y: None or labels [B] (their number sets the batch when given); tol: max abs deviation from
-    the sequential samples allowed on the search batch.
+    y: None or labels [B] (their number sets the batch when given). tol: the max abs deviation
+    from the sequential samples that is allowed; the search aims at tol / safety on its own batch,
+    because the largest error of a batch is heavy-tailed: fresh noise can land several times
+    higher than the search batch did.
     """
     cfg = model.config
-    if not tol > 0:
-        raise ValueError(f"tolerance must be > 0, got {tol}")
+    if not tol > 0 or not safety >= 1:
+        raise ValueError(f"tolerance must be > 0 and safety >= 1, got tol={tol}, safety={safety}")
     if y is not None:
         batch = len(y)
     if batch < 1:
@@ -126,63 +128,63 @@ def auto_strategy(model, y=None, guidance: Guidance | None = None, tol: float = 
     crm = np.array([metrics[b][1] for b in range(N)])
     tough = crm >= 2 * np.median(crm)
 
-    budget = tol / N
+    target = tol / safety
+    budget = target / N
     for _ in range(6):
         plans = {}
         for b in range(N):
             guess = int(np.argmin(metrics[b][0]))
-            candidates = divisors(T) if tough[b] else [1, T]
+            candidates = [G for G in divisors(T) if G < T] if tough[b] else [1]
             plans[b] = _cheapest_plan(model.blocks[b], inputs[b], outputs[b], y, guidance, guess, candidates,
                                       budget)
         order = list(reversed(range(N)))              # sampling order
         strategy = Strategy([plans[b].modules for b in order], [plans[b].iterations for b in order],
                             [plans[b].guess for b in order])
-        if _max_error(inverse_gsj(model, noise, y, strategy, guidance), reference) <= tol:
+        if _max_error(inverse_gsj(model, noise, y, strategy, guidance), reference) <= target:
             return strategy
         budget /= 4
     return Strategy.uniform(N, 0, 1)
 
 
 def _cheapest_plan(block, z, x_ref, y, guidance, guess, candidates, budget) -> BlockPlan:
-    """Fewest steps, then fewest token passes, among the candidate G with their smallest J."""
+    """Fewest steps, then fewest token passes: sequential (always exact), or a candidate G
+    (ascending) with its smallest J, searched only below the steps of the best plan so far."""
     T = z.shape[1]
-    best = None
+    best_cost, best = block_cost(T, T, [0] * T)[::-1], BlockPlan(T, 1, guess)          # (steps, passes)
     for G in candidates:
-        M = T // G
-        if M == 1:
-            plan = BlockPlan(G, 1, guess)
-        else:
-            plan = _smallest_iterations(block, z, x_ref, y, guidance, G, guess, budget)
-            if plan is None:
-                continue
-        passes, steps = block_cost(T, G, [min(plan.iterations, M - 1)] * G)
-        key = (steps, passes)
-        if best is None or key < best[0]:
-            best = (key, plan)
-    return best[1]
+        most = min(T // G - 1, (best_cost[0] - G) // G)        # G J + G - 1 < best steps
+        plan = _smallest_iterations(block, z, x_ref, y, guidance, G, guess, budget, most) if most >= 1 else None
+        if plan is not None:
+            cost = block_cost(T, G, [plan.iterations] * G)[::-1]
+            if cost < best_cost:
+                best_cost, best = cost, plan
+    return best
 
 
-def _smallest_iterations(block, z, x_ref, y, guidance, G, guess, budget):
-    """The BlockPlan with the smallest J in 1..M-1 within budget; None if none."""
-    lo, hi = 1, z.shape[1] // G - 1
+def _smallest_iterations(block, z, x_ref, y, guidance, G, guess, budget, most):
+    """The BlockPlan with the smallest J in 1..most within budget; None if none."""
     if G == 1:
-        # plain Jacobi: a run of J iterations passes through the result of every shorter run
-        trace, plan = Trace(keep_iterates=True), BlockPlan(1, hi, guess)
-        block_inverse_gsj(block, z, y, plan, guidance, trace.block(0, plan))
-        target = block.permute(x_ref)
-        for J, x in enumerate(trace.iterates[(0, 0)], start=1):
-            if _max_error(x, target) <= budget:
-                return BlockPlan(1, J, guess)
+        # plain Jacobi: a run of J iterations passes through the result of every shorter run, so
+        # runs of 4, 8, 16, .. iterations show every J at under twice the cost of the answer
+        target, tried, J = block.permute(x_ref), 0, 4
+        while tried < most:
+            J = min(J, most)
+            trace, plan = Trace(keep_iterates=True), BlockPlan(1, J, guess)
+            block_inverse_gsj(block, z, y, plan, guidance, trace.block(0, plan))
+            for k, x in enumerate(trace.iterates[(0, 0)][tried:], start=tried + 1):
+                if _max_error(x, target) <= budget:
+                    return BlockPlan(1, k, guess)
+            tried, J = J, 2 * J
         return None
     # otherwise the finishing passes depend on J: binary search, assuming the error falls with J
-    if not _max_error(block_inverse_gsj(block, z, y, BlockPlan(G, hi, guess), guidance), x_ref) <= budget:
-        return None                                   # (a NaN error fails too)
+    def within(J):
+        return _max_error(block_inverse_gsj(block, z, y, BlockPlan(G, J, guess), guidance), x_ref) <= budget
+    if not within(most):                              # (a NaN error fails too)
+        return None
+    lo, hi = 1, most
     while lo < hi:
         mid = (lo + hi) // 2
-        if _max_error(block_inverse_gsj(block, z, y, BlockPlan(G, mid, guess), guidance), x_ref) <= budget:
-            hi = mid
-        else:
-            lo = mid + 1
+        lo, hi = (lo, mid) if within(mid) else (mid + 1, hi)
     return BlockPlan(G, lo, guess)
 
 
