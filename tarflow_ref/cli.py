@@ -304,22 +304,17 @@ def make_sampler(args, cfg, fail):
         return lambda model, noise, y, guidance: sample(model, noise, y, guidance, args.bf16, progress("blocks"))
     try:
         from .strategy import parse_strategy
-        from .torch_backend.jacobi import auto_strategy, sample_gsj
+        from .torch_backend.jacobi import sample_gsj
     except ImportError:
         fail("the GS-Jacobi sampler is not available in this installation; use --sampler seq")
-    text = args.strategy or "auto"
-    strategy = None
-    if text != "auto":
+    strategy = args.strategy or "auto"        # 'auto': sample_gsj searches a strategy for this model first
+    if strategy.strip() != "auto":
         try:
-            strategy = parse_strategy(text, cfg)
+            strategy = parse_strategy(strategy, cfg)
         except ValueError as err:
             fail(f"--strategy: {err}")
-
-    def gsj(model, noise, y, guidance):
-        chosen = strategy or auto_strategy(model, y=y, guidance=guidance)
-        return sample_gsj(model, noise, y, strategy=chosen, guidance=guidance, bf16=args.bf16,
-                          progress=progress("blocks"))
-    return gsj
+    return lambda model, noise, y, guidance: sample_gsj(model, noise, y, strategy=strategy, guidance=guidance,
+                                                        bf16=args.bf16, progress=progress("blocks"))
 
 
 # ---- trace ----------------------------------------------------------------------------------------
