@@ -63,21 +63,27 @@ class KVCache:
             raise ValueError(f"this cache holds keys [{', '.join(map(str, self.k.shape[:2]))}, T, d] "
                              f"in {self.k.dtype}, got [{', '.join(map(str, k.shape[:2]))}, n, d] in {k.dtype}: "
                              "use new caches for another batch size, guidance setting or precision")
+        write_rows(self.k, start, k, dim=2)
+        write_rows(self.v, start, v, dim=2)
         if torch.is_tensor(start):
-            index = positions(start, k.shape[2], k.device)
-            self.k.index_copy_(2, index, k)
-            self.v.index_copy_(2, index, v)
             return self.k, self.v
         end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.k.narrow(2, 0, end), self.v.narrow(2, 0, end)
 
     def clear(self):
         """Zero the slots: a stale NaN in a masked slot would still poison the attention (0 * NaN)."""
         if self.k is not None:
             self.k.zero_()
             self.v.zero_()
+
+
+def write_rows(t, start, values, dim):
+    """t[..., start:start+n, ...] = values along `dim`, in place (n = values.shape[dim]); start is
+    an int or a 0-dim device tensor (model.rows reads such rows)."""
+    if torch.is_tensor(start):
+        t.index_copy_(dim, positions(start, values.shape[dim], t.device), values)
+    else:
+        t.narrow(dim, start, values.shape[dim]).copy_(values)
 
 
 def new_caches(block, tokens):
@@ -154,8 +160,7 @@ class Engine:
         """Token t+1 from tokens 0..t of the static buffers. t: an int (eager), or the device
         position self.position (inside the CUDA graph, where the int would be frozen at capture)."""
         a, m = guided_conditioner(block, rows(self.x, t, 1, dim=1), self.y, t, self.caches, self.guidance)
-        after = rows(self.u, t + 1, 1, dim=1) * torch.exp(wide(a)) + m                       # [B, 1, D]
-        self.x.index_copy_(1, positions(t + 1, 1, self.x.device), after)
+        write_rows(self.x, t + 1, rows(self.u, t + 1, 1, dim=1) * torch.exp(wide(a)) + m, dim=1)  # [B, 1, D]
 
     def graph_step(self, block):
         """The body of the CUDA graph: one step at the device position, which it then advances.

@@ -1,0 +1,228 @@
+"""Where sampling time goes: the textbook loop, the sampling engine, GS-Jacobi on the engine, and
+one parallel forward pass (the arithmetic floor), side by side for each configuration.
+
+    python benchmarks/sampling.py --quick                     # a small model on the CPU, seconds
+    python benchmarks/sampling.py --bundled                   # the bundled digits model (trained)
+    python benchmarks/sampling.py --batch 32 --json out.json  # the released configurations (GPU)
+
+Columns: (a) textbook.inverse (per token, growing caches, two branch passes), (b) the engine
+(static caches, one batch of 2B, CUDA graphs on CUDA), (c) tarflow_ref.torch_backend.jacobi.sample_gsj
+with the published strategy (or one found by auto_strategy for the small models), (d) one forward
+pass model(x, y) over the same batch. Released configurations get random weights
+(torch_backend.model.randomize_) in the released layout and the published guidance.
+
+Timings are the best of --repeat runs; on CUDA the clocks are read after a synchronise, and the
+engine's warm-up and graph capture happen before its timed run and are reported separately.
+--max-steps K times only the first K tokens of the first sampled block for (a) and (b) and
+extrapolates to N (T - 1) tokens, marked '~': later tokens attend to more keys (and the
+textbook copies a longer cache), so it is a lower bound, more so for (a).
+"""
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+
+import torch
+
+from tarflow_ref import Guidance, TarFlow, TarFlowConfig, load_checkpoint
+from tarflow_ref.config import RELEASED_FILES
+from tarflow_ref.torch_backend import textbook
+from tarflow_ref.torch_backend.engine import Engine, autocast
+from tarflow_ref.torch_backend.model import randomize_
+
+QUICK = TarFlowConfig(image_size=16, patch_size=2, channels=3, width=64, blocks=2, layers=2, num_classes=10,
+                      head_dim=16)
+DEFAULT_GUIDANCE = Guidance(1.0)          # for a configuration without a published setting
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(fn, device, repeat=1):
+    """(result, best seconds, peak GPU MiB or None) of fn() over `repeat` runs."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    best, result = math.inf, None
+    for _ in range(repeat):
+        synchronize(device)
+        started = time.perf_counter()
+        result = fn()
+        synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None
+    return result, best, peak
+
+
+def published(name):
+    """(strategy, guidance) of the published GS-Jacobi setting for a released file, or Nones."""
+    try:
+        from tarflow_ref.strategy import PRESETS
+    except ImportError:
+        return None, None
+    preset = PRESETS.get(name)
+    return (preset.strategy, preset.guidance) if preset else (None, None)
+
+
+def build(name, device, dtype, out_scale):
+    """(model, guidance, GS-Jacobi strategy or 'auto' or None) for a configuration name."""
+    if name == "quick":
+        model = randomize_(TarFlow(QUICK), seed=0, out_scale=out_scale)
+        return model.to(device, dtype).eval(), Guidance(1.5, temperature=0.8), "auto"
+    if name == "bundled":
+        from tarflow_ref.assets import BUNDLED_GUIDANCE, bundled_checkpoint
+        return load_checkpoint(bundled_checkpoint()).to(device, dtype).eval(), Guidance(BUNDLED_GUIDANCE), "auto"
+    model = randomize_(TarFlow(TarFlowConfig.from_release_name(name)), seed=0, out_scale=out_scale)
+    strategy, guidance = published(name)
+    return model.to(device, dtype).eval(), guidance or DEFAULT_GUIDANCE, strategy
+
+
+def gs_jacobi(model, noise, y, guidance, strategy, bf16, device, repeat):
+    """(seconds, strategy text) of sample_gsj, or (None, reason)."""
+    if strategy is None:
+        return None, "no published strategy"
+    try:
+        from tarflow_ref.torch_backend.jacobi import auto_strategy, sample_gsj
+    except ImportError:
+        return None, "tarflow_ref.torch_backend.jacobi not available"
+    if strategy == "auto":
+        strategy = auto_strategy(model, None if y is None else y[:4], guidance, batch=min(4, len(noise)))
+    _, seconds, _ = measure(lambda: sample_gsj(model, noise, y, strategy, guidance, bf16), device, repeat)
+    return seconds, str(strategy)
+
+
+def run_config(name, batch, args, device):
+    dtype = torch.float64 if args.dtype == "float64" else torch.float32
+    bf16 = args.dtype == "bf16"
+    model, guidance, strategy = build(name, device, dtype, args.out_scale)
+    if args.guidance is not None:
+        guidance = Guidance(args.guidance, guidance.what, guidance.annealed, guidance.temperature)
+    cfg = model.config
+    T, N = cfg.tokens, cfg.blocks
+    gen = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn(batch, T, cfg.token_dim, generator=gen).to(device, dtype)
+    y = (torch.arange(batch) % cfg.num_classes).to(device) if cfg.conditional else None
+    z = noise * model.var.sqrt()
+    row = {"config": name, "tokens": T, "blocks": N, "width": cfg.width, "batch": batch, "dtype": args.dtype,
+           "device": device.type, "guidance": f"{guidance.weight} {guidance.what} tau_u={guidance.temperature}"}
+
+    prefix = args.max_steps is not None and args.max_steps < T - 1
+    steps = min(args.max_steps, T - 1) if prefix else T - 1
+    scale = N * (T - 1) / steps if prefix else 1.0
+    row["extrapolated_from_steps"] = steps if prefix else None
+
+    engine = Engine(model.blocks, batch, guidance, bf16)
+    capture = engine.capture() if engine.graphs else 0.0
+    if prefix:
+        def slow():
+            with autocast(device, bf16):
+                return textbook.block_inverse(model.blocks[-1], z, y, guidance, steps=steps)
+
+        def fast():
+            engine.y.copy_(y) if y is not None else engine.y.fill_(-1)
+            return engine.block_inverse(N - 1, z, steps=steps)
+    else:
+        def slow():
+            return textbook.inverse(model, z, y, guidance, bf16)
+
+        def fast():
+            return engine.inverse(z, y)
+    slow_out, slow_s, slow_peak = measure(slow, device, args.textbook_repeat)
+    fast_out, fast_s, fast_peak = measure(fast, device, args.repeat)
+
+    images = torch.randn(batch, cfg.channels, cfg.image_size, cfg.image_size, generator=gen).to(device, dtype)
+    with torch.no_grad(), autocast(device, bf16):
+        model(images, y)                                                   # warm-up
+        _, forward_s, _ = measure(lambda: model(images, y), device, args.repeat)
+
+    gsj_s, gsj_strategy = (None, "not timed with --max-steps") if prefix else \
+        gs_jacobi(model, noise, y, guidance, strategy, bf16, device, args.repeat)
+    row.update(textbook_s=slow_s * scale, engine_s=fast_s * scale, capture_s=capture, gs_jacobi_s=gsj_s,
+               gs_jacobi_strategy=gsj_strategy, forward_s=forward_s,
+               max_abs_diff=float((slow_out.double() - fast_out.double()).abs().max()),
+               max_abs_value=float(slow_out.double().abs().max()),
+               peak_mib_textbook=slow_peak, peak_mib_engine=fast_peak)
+    return row
+
+
+def fmt(seconds, approx=False):
+    if seconds is None:
+        return "n/a"
+    return ("~" if approx else "") + (f"{seconds:.3g}" if seconds < 100 else f"{seconds:.0f}")
+
+
+def table(rows):
+    head = ["config", "T", "B", "dtype", "guidance", "(a) textbook s", "(b) engine s", "a/b", "(c) GS-Jacobi s",
+            "b/c", "(d) forward s", "b/d", "max|a-b|", "capture s", "peak MiB a / b"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        approx = r["extrapolated_from_steps"] is not None
+        gsj = r["gs_jacobi_s"]
+        peak = "n/a" if r["peak_mib_textbook"] is None else f"{r['peak_mib_textbook']:.0f} / {r['peak_mib_engine']:.0f}"
+        cells = [r["config"], r["tokens"], r["batch"], r["dtype"], r["guidance"], fmt(r["textbook_s"], approx),
+                 fmt(r["engine_s"], approx), f"{r['textbook_s'] / r['engine_s']:.1f}x",
+                 fmt(gsj) if gsj else f"n/a ({r['gs_jacobi_strategy']})",
+                 f"{r['engine_s'] / gsj:.1f}x" if gsj else "n/a", fmt(r["forward_s"]),
+                 f"{r['engine_s'] / r['forward_s']:.0f}x", f"{r['max_abs_diff']:.1e}", f"{r['capture_s']:.2f}", peak]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    notes = [f"- {r['config']}: (a), (b) extrapolated from the first {r['extrapolated_from_steps']} tokens of one "
+             "block (a lower bound)" for r in rows if r["extrapolated_from_steps"] is not None]
+    notes += [f"- {r['config']}: GS-Jacobi strategy {r['gs_jacobi_strategy']}" for r in rows if r["gs_jacobi_s"]]
+    return "\n".join(lines + notes)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=None,
+                        help="released file names, 'quick' or 'bundled' (default: the five released files)")
+    parser.add_argument("--quick", action="store_true", help="the small 'quick' configuration on the CPU, batch 4")
+    parser.add_argument("--bundled", action="store_true", help="the bundled digits model on the CPU, batch 16")
+    parser.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 32)")
+    parser.add_argument("--dtype", choices=["bf16", "float32", "float64"], default=None,
+                        help="bf16 = float32 model under bfloat16 autocast (default bf16 on CUDA, float32 on the CPU)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="time only this many tokens of one block for (a) and (b) and extrapolate")
+    parser.add_argument("--repeat", type=int, default=3, help="best of this many runs for (b), (c), (d)")
+    parser.add_argument("--textbook-repeat", type=int, default=1, help="best of this many runs for (a)")
+    parser.add_argument("--out-scale", type=float, default=0.1,
+                        help="proj_out scale of the random weights (small keeps random samples finite)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="guidance weight for every configuration, 0 = off (default: the published one)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (more threads on a busy machine only add waiting)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the rows as JSON to this path")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = args.configs or (["quick"] if args.quick else ["bundled"] if args.bundled else list(RELEASED_FILES))
+    if (args.quick or args.bundled) and args.device is None:
+        device = torch.device("cpu")
+    batches = args.batch or ([4] if args.quick else [16] if args.bundled else [32])
+    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "float32")
+    unknown = [n for n in names if n not in RELEASED_FILES and n not in ("quick", "bundled")]
+    if unknown:
+        parser.error(f"unknown configuration(s) {unknown}; known: quick, bundled, {', '.join(RELEASED_FILES)}")
+
+    rows = []
+    for name in names:
+        for batch in batches:
+            rows.append(run_config(name, batch, args, device))
+            print(f"done {name} B={batch}", file=sys.stderr, flush=True)
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"device: {device.type} ({gpu}), torch {torch.__version__}, {args.threads} CPU threads")
+    print(table(rows))
+    if args.json:
+        meta = {"device": device.type, "device_name": gpu, "torch": torch.__version__, "threads": args.threads,
+                "command": " ".join(sys.argv)}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
