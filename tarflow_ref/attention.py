@@ -17,6 +17,8 @@ the blocks of tokens that GS-Jacobi solves at once.
 
 The layer (pre-norm):  h <- h + Attn(LN1(h));   h <- h + W2 GELU(W1 LN2(h) + b1) + b2.
 """
+import math
+
 import numpy as np
 from einops import rearrange
 from scipy.special import erf
@@ -38,7 +40,7 @@ def layer_norm(x, weight, bias, eps=LN_EPS):
 
 def gelu(x):
     """The exact GELU, x * Phi(x), with Phi the standard normal CDF."""
-    return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
+    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))   # a Python float keeps float32 input float32
 
 
 def softmax(scores, axis=-1):
@@ -87,7 +89,7 @@ def causal_attention(p, h, heads, start=0, cache=None, temperature=1.0):
 def attention_weights(q, k, start=0, temperature=1.0):
     """A = softmax(q k^T / (sqrt(d) tau)) under the causal mask, so query i (at position start + i)
     sees keys 0..start+i only. q: [B, H, n, d], k: [B, H, s+n, d] -> A: [B, H, n, s+n]."""
-    scores = q @ np.swapaxes(k, -1, -2) / (np.sqrt(q.shape[-1]) * temperature)
+    scores = q @ np.swapaxes(k, -1, -2) / (math.sqrt(q.shape[-1]) * temperature)
     query_pos = start + np.arange(q.shape[2])[:, None]
     key_pos = np.arange(k.shape[2])[None, :]
     return softmax(np.where(key_pos <= query_pos, scores, -np.inf))

@@ -106,18 +106,20 @@ def load_checkpoint(path, *, device="cpu", noise_std: float | None = None, head_
     state = read_state_dict(path)
     sigma = noise_std if noise_std is not None else sigma_from_name(path)
     cfg = config_from_state_dict(state, noise_std=sigma, head_dim=head_dim)
-    with torch.device("meta"):
-        expected = TarFlow(cfg).state_dict()
-    check_state_dict(state, expected)
-    model = TarFlow(cfg).to(device)
-    model.load_state_dict(state, strict=True)
+    with torch.device("meta"):  # shapes only: a full-size random init would cost seconds, then be overwritten
+        model = TarFlow(cfg)
+    check_state_dict(state, model.state_dict())
+    model = model.to_empty(device=device)
+    model.load_state_dict(state, strict=True)  # every parameter and buffer: no uninitialised memory remains
     return model.eval()
 
 
 def to_numpy(model_or_state, dtype=np.float64) -> dict:
     """The NumPy model's parameter dict: the same keys, arrays of `dtype`."""
     state = model_or_state.state_dict() if hasattr(model_or_state, "state_dict") else model_or_state
-    return {k: v.detach().cpu().double().numpy().astype(dtype, copy=False) for k, v in state.items()}
+    target = torch.from_numpy(np.zeros(0, dtype)).dtype
+    # one exact conversion and always a copy: the arrays never alias the model's memory
+    return {k: v.detach().to("cpu", target, copy=True).numpy() for k, v in state.items()}
 
 
 def from_numpy(params: dict, cfg: TarFlowConfig, dtype=torch.float64):

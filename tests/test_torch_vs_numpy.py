@@ -82,10 +82,25 @@ def test_to_numpy_from_numpy_round_trip_is_exact(small):
     assert all(torch.equal(back[k], v) and back[k].dtype == torch.float64 for k, v in state.items())
     again = to_numpy(back)                                               # a state dict works too
     assert all(np.array_equal(again[k], p) for k, p in params.items())
+    params["var"][0, 0] = 7.0                                            # a copy: the model is untouched
+    assert model.var[0, 0] == 1.0
     params32 = to_numpy(model.float(), dtype=np.float32)
     assert all(p.dtype == np.float32 for p in params32.values())
     back32 = from_numpy(params32, cfg, dtype=torch.float32).state_dict()
     assert all(torch.equal(back32[k], torch.from_numpy(p)) for k, p in params32.items())
+    params16 = to_numpy(model.bfloat16())                                # NumPy has no bfloat16: widened exactly
+    assert all(np.array_equal(params16[k], v.double().numpy()) for k, v in model.state_dict().items())
+
+
+def test_numpy_float32_stays_float32(small, rng):
+    _, cfg, model, _ = small
+    params = to_numpy(model, dtype=np.float32)
+    x = rng.uniform(-1, 1, size=(2, cfg.channels, cfg.image_size, cfg.image_size)).astype(np.float32)
+    z, logdet = np_model.forward(params, cfg, x, labels(cfg, "mixed", 2)[0])
+    assert z.dtype == np.float32 and logdet.dtype == np.float32
+    with torch.no_grad():
+        tz, _ = model.float()(torch.from_numpy(x), labels(cfg, "mixed", 2)[1])
+    assert rel_err(tz, z) < 1e-5
 
 
 def test_from_numpy_is_strict():
