@@ -29,6 +29,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import TarFlowConfig
@@ -239,8 +240,6 @@ def evaluate_bpd(model, images, labels=None, *, batch_size: int = 256, seed: int
     A conditional model is scored as -log p(x | y) with the true labels; labels None uses the
     model's unlabelled branch (the mean class embedding).
     """
-    import numpy as np
-
     model.eval()
     device = next(model.parameters()).device
     rng = np.random.default_rng(seed)
