@@ -133,6 +133,25 @@ def test_clear_errors(small, rng):
         denoise(model, torch.tensor(x[:, :, 1:]), sigma=0.1)
 
 
+def test_bundled_model_denoises_held_out_digits():
+    """Tweedie at work: the 360 held-out digits plus noise of the model's sigma (0.1) come out
+    closer to the clean digits. Measured: MSE 0.0100 noisy -> 0.0060 labelled, 0.0062 unlabelled
+    (factor 1; seed 0); asserted: at least 30 % lower."""
+    from tarflow_ref.assets import bundled_checkpoint
+    from tarflow_ref.data import load_digits_split, to_model_range
+    try:
+        model = load_checkpoint(bundled_checkpoint())
+    except FileNotFoundError as err:
+        pytest.skip(f"the bundled digits model is not built yet: {err}")
+    digits, digit_labels = load_digits_split("test")
+    x0 = to_model_range(digits)
+    x = x0 + model.config.noise_std * torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    noisy_mse = ((x - x0) ** 2).mean().item()
+    for y in (torch.as_tensor(digit_labels), None):
+        denoised_mse = ((denoise(model, x, y, chunk_size=128) - x0) ** 2).mean().item()
+        assert denoised_mse < 0.7 * noisy_mse, (y is None, denoised_mse, noisy_mse)
+
+
 FULLSIZE_SCRIPT = textwrap.dedent('''
     import sys, torch
     from tarflow_ref import TarFlow, TarFlowConfig
