@@ -40,6 +40,7 @@ TORCH = Ops(torch.clone, torch.zeros_like, lambda a: torch.exp(wide(a)), torch.c
             lambda mask: int(mask.to(torch.uint8).argmax()) if bool(mask.any()) else len(mask))
 
 
+@torch.no_grad()
 def block_inverse_gsj(block, z, y=None, plan: BlockPlan = None, guidance: Guidance | None = None, record=None):
     """Noise -> data for one block by GS-Jacobi. z: [B, T, D] (image order) -> x: [B, T, D]."""
     if plan is None:
