@@ -42,17 +42,20 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def measure(fn, device, repeat=1):
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def measure(fn, device, repeat, clock):
     """(result, best seconds, peak GPU MiB or None) of fn() over `repeat` runs."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     best, result = math.inf, None
     for _ in range(repeat):
         synchronize(device)
-        started = time.perf_counter()
+        started = clock()
         result = fn()
         synchronize(device)
-        best = min(best, time.perf_counter() - started)
+        best = min(best, clock() - started)
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None
     return result, best, peak
 
@@ -80,7 +83,7 @@ def build(name, device, dtype, out_scale):
     return model.to(device, dtype).eval(), guidance or DEFAULT_GUIDANCE, strategy
 
 
-def gs_jacobi(model, noise, y, guidance, strategy, bf16, device, repeat):
+def gs_jacobi(model, noise, y, guidance, strategy, bf16, timed):
     """(seconds, strategy text) of sample_gsj, or (None, reason)."""
     if strategy is None:
         return None, "no published strategy"
@@ -90,13 +93,16 @@ def gs_jacobi(model, noise, y, guidance, strategy, bf16, device, repeat):
         return None, "tarflow_ref.torch_backend.jacobi not available"
     if strategy == "auto":
         strategy = auto_strategy(model, None if y is None else y[:4], guidance, batch=min(4, len(noise)))
-    _, seconds, _ = measure(lambda: sample_gsj(model, noise, y, strategy, guidance, bf16), device, repeat)
+    _, seconds, _ = timed(lambda: sample_gsj(model, noise, y, strategy, guidance, bf16))
     return seconds, str(strategy)
 
 
 def run_config(name, batch, args, device):
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     bf16 = args.dtype == "bf16"
+
+    def timed(fn, repeat=args.repeat):
+        return measure(fn, device, repeat, CLOCKS[args.clock])
     model, guidance, strategy = build(name, device, dtype, args.out_scale)
     if args.guidance is not None:
         guidance = Guidance(args.guidance, guidance.what, guidance.annealed, guidance.temperature)
@@ -130,16 +136,16 @@ def run_config(name, batch, args, device):
 
         def fast():
             return engine.inverse(z, y)
-    slow_out, slow_s, slow_peak = measure(slow, device, args.textbook_repeat)
-    fast_out, fast_s, fast_peak = measure(fast, device, args.repeat)
+    slow_out, slow_s, slow_peak = timed(slow, args.textbook_repeat)
+    fast_out, fast_s, fast_peak = timed(fast)
 
     images = torch.randn(batch, cfg.channels, cfg.image_size, cfg.image_size, generator=gen).to(device, dtype)
     with torch.no_grad(), autocast(device, bf16):
         model(images, y)                                                   # warm-up
-        _, forward_s, _ = measure(lambda: model(images, y), device, args.repeat)
+        _, forward_s, _ = timed(lambda: model(images, y))
 
     gsj_s, gsj_strategy = (None, "not timed with --max-steps") if prefix else \
-        gs_jacobi(model, noise, y, guidance, strategy, bf16, device, args.repeat)
+        gs_jacobi(model, noise, y, guidance, strategy, bf16, timed)
     row.update(textbook_s=slow_s * scale, engine_s=fast_s * scale, capture_s=capture, gs_jacobi_s=gsj_s,
                gs_jacobi_strategy=gsj_strategy, forward_s=forward_s,
                max_abs_diff=float((slow_out.double() - fast_out.double()).abs().max()),
@@ -194,6 +200,8 @@ def main(argv=None):
     parser.add_argument("--guidance", type=float, default=None,
                         help="guidance weight for every configuration, 0 = off (default: the published one)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (more threads on a busy machine only add waiting)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: the process's CPU time (steadier on a shared machine; CPU runs with 1 thread only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the rows as JSON to this path")
     args = parser.parse_args(argv)
@@ -203,6 +211,8 @@ def main(argv=None):
     names = args.configs or (["quick"] if args.quick else ["bundled"] if args.bundled else list(RELEASED_FILES))
     if (args.quick or args.bundled) and args.device is None:
         device = torch.device("cpu")
+    if args.clock == "cpu" and (args.threads != 1 or device.type != "cpu"):
+        parser.error("--clock cpu measures one CPU thread: use it with --threads 1 on the CPU")
     batches = args.batch or ([4] if args.quick else [16] if args.bundled else [32])
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "float32")
     unknown = [n for n in names if n not in RELEASED_FILES and n not in ("quick", "bundled")]
@@ -215,11 +225,12 @@ def main(argv=None):
             rows.append(run_config(name, batch, args, device))
             print(f"done {name} B={batch}", file=sys.stderr, flush=True)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"device: {device.type} ({gpu}), torch {torch.__version__}, {args.threads} CPU threads")
+    print(f"device: {device.type} ({gpu}), torch {torch.__version__}, {args.threads} CPU threads, "
+          f"{args.clock} clock")
     print(table(rows))
     if args.json:
         meta = {"device": device.type, "device_name": gpu, "torch": torch.__version__, "threads": args.threads,
-                "command": " ".join(sys.argv)}
+                "clock": args.clock, "command": " ".join(sys.argv)}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
 
