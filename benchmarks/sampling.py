@@ -128,7 +128,7 @@ def run_config(name, batch, args, device):
                 return textbook.block_inverse(model.blocks[-1], z, y, guidance, steps=steps)
 
         def fast():
-            engine.y.copy_(y) if y is not None else engine.y.fill_(-1)
+            engine.set_labels(y)
             return engine.block_inverse(N - 1, z, steps=steps)
     else:
         def slow():

@@ -120,7 +120,7 @@ def test_graph_body_run_eagerly_equals_the_eager_engine(b, guide):
     attention reads all T cache slots through the mask. Run eagerly, it decodes the same block."""
     cfg, model, _, noise, y = setup("cond-even-P2")
     engine = Engine(model.blocks, len(noise), GUIDANCE[guide])
-    engine.y.copy_(y)
+    engine.set_labels(y)
     eager = engine.block_inverse(b, noise)
     engine.load(b, noise)
     with torch.no_grad():
@@ -154,7 +154,7 @@ def test_prefix_steps_decode_only_the_prefix():
     cfg, model, _, noise, y = setup("cond-even-P2")
     steps = 5
     engine = Engine(model.blocks, len(noise), GUIDANCE["ab"])
-    engine.y.copy_(y)
+    engine.set_labels(y)
     part = engine.block_inverse(0, noise, steps=steps)
     whole = engine.block_inverse(0, noise)
     slow = textbook.block_inverse(model.blocks[0], noise, y, GUIDANCE["ab"], steps=steps)
@@ -233,3 +233,21 @@ def test_cuda_graph_replay_equals_eager(guide):
     assert torch.equal(got, again)
     assert relative_error(got, eager) < 1e-5 and relative_error(got, slow) < 1e-5
     assert relative_error(bf16, slow_bf16) < 0.05
+
+
+def test_benchmark_runs_and_reports_agreeing_samplers(tmp_path):
+    """benchmarks/sampling.py on the small 'quick' model, prefix mode (a few seconds)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    path = Path(__file__).parents[1] / "benchmarks" / "sampling.py"
+    spec = importlib.util.spec_from_file_location("benchmark_sampling", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "rows.json"
+    bench.main(["--configs", "quick", "--batch", "2", "--max-steps", "3", "--repeat", "1", "--device", "cpu",
+                "--json", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["extrapolated_from_steps"] == 3 and row["batch"] == 2
+    assert 0 < row["max_abs_diff"] < 1e-4 * row["max_abs_value"]
+    assert row["textbook_s"] > 0 and row["engine_s"] > 0 and row["forward_s"] > 0

@@ -134,7 +134,9 @@ class Engine:
 
     All blocks share one set of static buffers: u, x: [B, T, D] (the block's input and the
     decoded tokens, block order), the labels y: [B] (-1 = none), the position t (0-dim) and the
-    KV caches. `graphs` (default: on CUDA) captures one CUDA graph per block.
+    KV caches. `graphs` (default: on CUDA) captures one CUDA graph per block, at the first
+    `inverse` or by `capture()`; build one Engine and call `inverse` again for more batches of
+    the same size, so that the capture is paid once.
     """
 
     def __init__(self, blocks, batch: int, guidance: Guidance | None = None, bf16: bool = False,
@@ -195,6 +197,13 @@ class Engine:
         torch.cuda.synchronize()
         return time.perf_counter() - started
 
+    def set_labels(self, y):
+        """y: [B] labels (< 0: none) or None, for every block until set again."""
+        if y is None:
+            self.y.fill_(-1)
+        else:
+            self.y.copy_(y)
+
     def load(self, b: int, z):
         """Set the static buffers up for decoding block b from z: [B, T, D] (image order)."""
         if self.u.shape[0] != z.shape[0]:
@@ -227,10 +236,7 @@ class Engine:
         """Tokens z: [B, T, D] -> data tokens, blocks last to first. `progress` wraps the block loop."""
         if self.graphs and self.captured is None:
             self.capture()
-        if y is None:
-            self.y.fill_(-1)
-        else:
-            self.y.copy_(y)
+        self.set_labels(y)
         order = range(len(self.blocks) - 1, -1, -1)
         for b in (progress(order) if progress else order):
             z = self.block_inverse(b, z)
