@@ -248,6 +248,6 @@ def test_benchmark_runs_and_reports_agreeing_samplers(tmp_path):
     bench.main(["--configs", "quick", "--batch", "2", "--max-steps", "3", "--repeat", "1", "--device", "cpu",
                 "--json", str(out)])
     (row,) = json.loads(out.read_text())["rows"]
-    assert row["extrapolated_from_steps"] == 3 and row["batch"] == 2
+    assert row["textbook_steps"] == row["engine_steps"] == 3 and row["batch"] == 2
     assert 0 < row["max_abs_diff"] < 1e-4 * row["max_abs_value"]
     assert row["textbook_s"] > 0 and row["engine_s"] > 0 and row["forward_s"] > 0
