@@ -71,17 +71,23 @@ def published(name):
     return (preset.strategy, preset.guidance) if preset else (None, None)
 
 
+def random_model(cfg, device, dtype, out_scale):
+    # built on the device: the default initialisation of 0.8 G parameters is slow on a CPU
+    with torch.device(device):
+        model = TarFlow(cfg)
+    return randomize_(model, seed=0, out_scale=out_scale).to(dtype).eval()
+
+
 def build(name, device, dtype, out_scale):
     """(model, guidance, GS-Jacobi strategy or 'auto' or None) for a configuration name."""
     if name == "quick":
-        model = randomize_(TarFlow(QUICK), seed=0, out_scale=out_scale)
-        return model.to(device, dtype).eval(), Guidance(1.5, temperature=0.8), "auto"
+        return random_model(QUICK, device, dtype, out_scale), Guidance(1.5, temperature=0.8), "auto"
     if name == "bundled":
         from tarflow_ref.assets import BUNDLED_GUIDANCE, bundled_checkpoint
         return load_checkpoint(bundled_checkpoint()).to(device, dtype).eval(), Guidance(BUNDLED_GUIDANCE), "auto"
-    model = randomize_(TarFlow(TarFlowConfig.from_release_name(name)), seed=0, out_scale=out_scale)
     strategy, guidance = published(name)
-    return model.to(device, dtype).eval(), guidance or DEFAULT_GUIDANCE, strategy
+    model = random_model(TarFlowConfig.from_release_name(name), device, dtype, out_scale)
+    return model, guidance or DEFAULT_GUIDANCE, strategy
 
 
 def gs_jacobi(model, noise, y, guidance, strategy, bf16, timed):
