@@ -15,7 +15,8 @@ the arithmetic (book/sampling_speed.md). The engine computes the same numbers an
 costs:
 
 1. Static KV caches, [2B, H, T, d] per layer, allocated once and written in place at the
-   step's position; attention reads them through the causal mask.
+   step's position; attention reads the written prefix (inside a CUDA graph: all T slots,
+   through the causal mask).
 2. Guidance's two branches in ONE pass over a batch of 2B: tokens [x; x], labels [y; -1]
    ("no label" = mean class embedding) and a per-sample temperature [1; tau_u]: [2B, 1, 1, 1].
 3. The per-token step (all layers, guidance, the affine update, t <- t + 1) reads and writes
@@ -25,7 +26,7 @@ costs:
    to bfloat16 once (inside a graph autocast cannot cache its casts and would redo them at
    every step). Autocast rounds the float32 weights the same way, so the numbers are the same.
 
-On the CPU the same step runs eagerly. `guided_conditioner` and `new_caches` are the entry
+On the CPU the same step runs eagerly, with integer positions. `guided_conditioner` and `new_caches` are the entry
 points every torch sampler uses (sequential and GS-Jacobi), so all of them share this path.
 """
 import contextlib
