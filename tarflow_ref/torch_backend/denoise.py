@@ -9,7 +9,8 @@ the chunking (tested in tests/test_denoise.py). Only grad_x is needed, so the pa
 requiring gradients for the duration: autograd then keeps no inputs of the linear layers, which
 cuts the activation memory by about a third (0.68 vs 1.06 GiB per 64x64 image of the
 imagenet_model_4_1024 configuration). With bf16=True the loss is computed under
-bfloat16 autocast on CUDA, as the released evaluation does.
+bfloat16 autocast, as the released evaluation does on CUDA (on the CPU it runs too, slowly: that
+is how the tests reach it).
 
 x: [B, c, S, S] images, y: [B] labels or None -> x_hat: [B, c, S, S] (same dtype; not clipped).
 """
@@ -44,9 +45,9 @@ def denoise(model, x, y=None, factor=1.0, chunk_size=None, bf16=False, progress=
     check_image(x, cfg)
     check_labels(y, cfg.num_classes, len(x))
     sigma, factor = noise_sigma(cfg, sigma), check_factor(factor)
-    if bf16 and x.device.type != "cuda":
-        raise ValueError(f"bf16=True denoises under bfloat16 autocast on CUDA, as the released evaluation "
-                         f"does; these images are on '{x.device.type}': use bf16=False (float32) there")
+    if bf16 and next(model.parameters()).dtype != torch.float32:
+        raise ValueError("bf16=True (bfloat16 autocast) needs a float32 model, "
+                         f"this one is {next(model.parameters()).dtype}")
     chunk_size = max(len(x), 1) if chunk_size is None else chunk_size
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (or None for the whole batch), got {chunk_size}")
