@@ -31,16 +31,27 @@ def linear(x, weight, bias):
     return x @ weight.T + bias
 
 
+def standardize(x, eps=LN_EPS):
+    """(x_hat, s): the last axis at zero mean and unit variance, x_hat = (x - mean) / s with
+    s = sqrt(var + eps) (biased variance). layer_norm and its backward both start here."""
+    mean = x.mean(-1, keepdims=True)
+    s = np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps)
+    return (x - mean) / s, s
+
+
 def layer_norm(x, weight, bias, eps=LN_EPS):
     """Normalise the last axis to zero mean and unit variance (biased), then scale and shift."""
-    mean = x.mean(-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) / np.sqrt(var + eps) * weight + bias
+    return standardize(x, eps)[0] * weight + bias
+
+
+def normal_cdf(x):
+    """Phi(x), the standard normal CDF (a Python float keeps float32 input float32)."""
+    return 0.5 * (1.0 + erf(x / math.sqrt(2.0)))
 
 
 def gelu(x):
     """The exact GELU, x * Phi(x), with Phi the standard normal CDF."""
-    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))   # a Python float keeps float32 input float32
+    return x * normal_cdf(x)
 
 
 def softmax(scores, axis=-1):
@@ -75,8 +86,7 @@ def causal_attention(p, h, heads, start=0, cache=None, temperature=1.0):
     Without a cache the call must start at 0 and sees only its own n tokens.
     Returns [B, n, C].
     """
-    qkv = linear(h, p["qkv.weight"], p["qkv.bias"])                               # [B, n, 3C]
-    q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=heads)  # each [B, H, n, d]
+    q, k, v = queries_keys_values(p, h, heads)                                     # each [B, H, n, d]
     if cache is not None:
         k, v = cache.write(k, v, start)                                            # [B, H, s+n, d]
     elif start != 0:
@@ -84,6 +94,13 @@ def causal_attention(p, h, heads, start=0, cache=None, temperature=1.0):
     out = attention_weights(q, k, start, temperature) @ v                          # [B, H, n, d]
     out = rearrange(out, "b h n d -> b n (h d)")
     return linear(out, p["proj.weight"], p["proj.bias"])
+
+
+def queries_keys_values(p, h, heads):
+    """q, k, v: [B, H, n, d] from layer-normed h: [B, n, C]; the 3C outputs of the qkv layer are
+    all query heads, then all key heads, then all value heads, each head's d values contiguous."""
+    qkv = linear(h, p["qkv.weight"], p["qkv.bias"])                               # [B, n, 3C]
+    return rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=heads)
 
 
 def attention_weights(q, k, start=0, temperature=1.0):

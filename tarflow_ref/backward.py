@@ -29,9 +29,9 @@ token, H heads, d head width, N = T * D values per sample.
 """
 import numpy as np
 from einops import rearrange
-from scipy.special import erf
 
-from .attention import LN_EPS, attention_weights, causal_attention, layer_norm, linear, sub_params
+from .attention import (LN_EPS, attention_weights, causal_attention, layer_norm, linear, normal_cdf,
+                        queries_keys_values, standardize, sub_params)
 from .flow import block_forward, block_params, conditioner, hidden_states, permute, shift
 from .model import forward
 from .patchify import patchify, unpatchify
@@ -51,9 +51,7 @@ def layer_norm_backward(x, weight, g, eps=LN_EPS):
 
     x, g: [..., C]; weight: [C] -> [..., C].
     """
-    mu = x.mean(-1, keepdims=True)
-    s = np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps)
-    x_hat = (x - mu) / s
+    x_hat, s = standardize(x, eps)
     g_hat = g * weight
     return (g_hat - g_hat.mean(-1, keepdims=True) - x_hat * (g_hat * x_hat).mean(-1, keepdims=True)) / s
 
@@ -61,9 +59,8 @@ def layer_norm_backward(x, weight, g, eps=LN_EPS):
 def gelu_backward(x, g):
     """GELU(x) = x Phi(x)  =>  dGELU/dx = Phi(x) + x phi(x), with Phi, phi the standard normal
     CDF and density. Elementwise: x, g: [...] -> [...]."""
-    cdf = 0.5 * (1.0 + erf(x / np.sqrt(2.0)))
     pdf = np.exp(-0.5 * x ** 2) / np.sqrt(2.0 * np.pi)
-    return g * (cdf + x * pdf)
+    return g * (normal_cdf(x) + x * pdf)
 
 
 def softmax_backward(p, g, axis=-1):
@@ -85,8 +82,7 @@ def causal_attention_backward(p, h, g, heads, temperature=1.0):
         g_S = softmax_backward(A, g_A),   g_q = c g_S k,   g_k = c g_S^T q,
         dL/dh = concat(g_q, g_k, g_v) W_qkv.
     """
-    qkv = linear(h, p["qkv.weight"], p["qkv.bias"])                                      # [B, n, 3C]
-    q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=heads)     # [B, H, n, d]
+    q, k, v = queries_keys_values(p, h, heads)                                           # [B, H, n, d]
     A = attention_weights(q, k, 0, temperature)                                          # [B, H, n, n]
     g_o = rearrange(linear_backward(g, p["proj.weight"]), "b n (h d) -> b h n d", h=heads)
     g_v = np.swapaxes(A, -1, -2) @ g_o
