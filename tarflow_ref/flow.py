@@ -61,6 +61,11 @@ def new_caches(cfg, batch, dtype=np.float64):
     return [KVCache(batch, cfg.heads, cfg.tokens, cfg.head_dim, dtype) for _ in range(cfg.layers)]
 
 
+def branch_caches(cfg, batch, dtype=np.float64):
+    """(conditional, unconditional): the caches of both guidance branches, for guided_conditioner."""
+    return new_caches(cfg, batch, dtype), new_caches(cfg, batch, dtype)
+
+
 def hidden_states(pb, u, y, cfg, reverse, start=0, caches=None, temperature=1.0):
     """[h_0, ..., h_L]: the transformer's hidden states [B, n, C] at positions start..start+n-1,
     h_0 = u W_in^T + b_in + pos + class term, h_{l+1} = layer_l(h_l). The backward pass
@@ -112,7 +117,7 @@ def block_inverse(pb, z, y, cfg, reverse, guidance: Guidance | None = None):
     """Noise -> data for one block, token by token with a KV cache. z: [B, T, D] (image order)."""
     u = permute(z, reverse)
     x = u.copy()                                   # x_0 = z_0; later tokens are overwritten in turn
-    caches = (new_caches(cfg, len(u), u.dtype), new_caches(cfg, len(u), u.dtype))
+    caches = branch_caches(cfg, len(u), u.dtype)
     for t in range(u.shape[1] - 1):
         a, m = guided_conditioner(pb, x[:, t:t + 1], y, cfg, reverse, t, caches, guidance)
         x[:, t + 1] = u[:, t + 1] * np.exp(a[:, 0]) + m[:, 0]

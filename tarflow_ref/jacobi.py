@@ -33,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-from .flow import block_params, check_labels, guided_conditioner, new_caches, permute
+from .flow import block_params, branch_caches, check_labels, guided_conditioner, permute
 from .guidance import Guidance
 from .model import check_tokens
 from .patchify import unpatchify
@@ -125,7 +125,7 @@ def block_inverse_gsj(pb, z, y, cfg, reverse: bool, plan: BlockPlan, guidance: G
                       record=None):
     """Noise -> data for one block by GS-Jacobi. z: [B, T, D] (image order) -> x: [B, T, D]."""
     u = permute(z, reverse)
-    caches = (new_caches(cfg, len(u), u.dtype), new_caches(cfg, len(u), u.dtype))
+    caches = branch_caches(cfg, len(u), u.dtype)
 
     def evaluate(chunk, start):
         return guided_conditioner(pb, chunk, y, cfg, reverse, start, caches, guidance)
