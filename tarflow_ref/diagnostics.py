@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .flow import block_forward, block_params, conditioner, permute, shift
-from .guidance import Guidance
+from .guidance import Guidance, branches
 from .jacobi import initial_guess
 from .patchify import patchify
 from .strategy import BlockPlan, Cost, GUESSES
@@ -119,7 +119,7 @@ class Trace:
     def block(self, b: int, plan: BlockPlan, guidance: Guidance | None = None) -> "BlockRecord":
         self.plans[b] = plan
         self.token_passes[b] = self.steps[b] = 0
-        return BlockRecord(self, b, 2 if guidance is not None and guidance.active else 1)
+        return BlockRecord(self, b, branches(guidance))
 
     def iterations(self, b: int) -> list:
         """K_i: the iterations each module of block b ran."""

@@ -39,6 +39,11 @@ class Guidance:
         return self.weight * (t + 1) / (tokens - 1) if self.annealed else self.weight
 
 
+def branches(guidance: Guidance | None) -> int:
+    """Evaluations of the block per step: 2 (conditional and unconditional) when guidance is on."""
+    return 2 if guidance is not None and guidance.active else 1
+
+
 def guide(a, m, a_u, m_u, guidance: Guidance, g):
     """Apply guidance with weight g (a scalar, or anything that broadcasts against a)."""
     if "a" in guidance.what:
@@ -48,7 +53,7 @@ def guide(a, m, a_u, m_u, guidance: Guidance, g):
     return a, m
 
 
-def guided(conditioner, y, caches, guidance: "Guidance | None", positions, tokens: int):
+def guided(conditioner, y, caches, guidance: Guidance | None, positions, tokens: int):
     """Both branches and their combination, for any backend.
 
     conditioner(y, cache, temperature) -> (a, m) evaluates the block at the current positions;

@@ -41,7 +41,7 @@ import re
 from dataclasses import dataclass
 
 from .config import TarFlowConfig
-from .guidance import Guidance
+from .guidance import Guidance, branches
 
 GUESSES = {0: "x0 = z", 1: "x0 = [z_0, 0, ..., 0]"}
 
@@ -134,14 +134,13 @@ class Strategy:
     def cost(self, cfg: TarFlowConfig, guidance: Guidance | None = None) -> Cost:
         """Token passes and steps of the whole model with no early stop (the formula above)."""
         self.check(cfg)
-        branches = 2 if guidance is not None and guidance.active else 1
         tokens = steps = 0
         for b in range(cfg.blocks):
             plan = self.block_plan(b, cfg)
             t, s = block_cost(cfg.tokens, plan.modules, [min(plan.iterations, cfg.tokens // plan.modules - 1)]
                               * plan.modules)
             tokens, steps = tokens + t, steps + s
-        return Cost(branches * tokens, steps)
+        return Cost(branches(guidance) * tokens, steps)
 
     def to_text(self, compact: bool = False) -> str:
         """The list form, or the compact [Stack-GS-J-Else] form (ValueError when it does not fit)."""
