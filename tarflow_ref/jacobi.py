@@ -103,7 +103,7 @@ def solve_block(u, evaluate, plan: BlockPlan, ops: Ops = NUMPY, record=None):
     for i, s in enumerate(range(0, T, M)):
         e = s + M
         changed = None                                # [M - 1]: tokens s+1..e-1 the last iteration changed
-        for _ in range(min(plan.iterations, M - 1)):
+        for _ in range(plan.module_iterations(T)):
             a, m = run(x[:, s:e - 1], s)
             new = affine_step(u[:, s + 1:e], a, m, plan.clamp, ops)
             changed = (new != x[:, s + 1:e]).any((0, 2))

@@ -83,6 +83,11 @@ class BlockPlan:
     def check(self, tokens: int):
         check_modules("", self.modules, tokens)
 
+    def module_iterations(self, tokens: int) -> int:
+        """Iterations per module when nothing stops early: min(J, M - 1), M = T / G
+        (M - 1 already make a module exact)."""
+        return min(self.iterations, tokens // self.modules - 1)
+
 
 @dataclass(frozen=True)
 class Cost:
@@ -137,8 +142,7 @@ class Strategy:
         tokens = steps = 0
         for b in range(cfg.blocks):
             plan = self.block_plan(b, cfg)
-            t, s = block_cost(cfg.tokens, plan.modules, [min(plan.iterations, cfg.tokens // plan.modules - 1)]
-                              * plan.modules)
+            t, s = block_cost(cfg.tokens, plan.modules, [plan.module_iterations(cfg.tokens)] * plan.modules)
             tokens, steps = tokens + t, steps + s
         return Cost(branches(guidance) * tokens, steps)
 
