@@ -42,16 +42,16 @@ def sample(params, cfg, noise, y=None, guidance: Guidance | None = None):
 
 
 def check_image(x, cfg):
-    """Works on NumPy arrays and torch tensors."""
+    """ValueError unless x is an image batch [B, c, S, S] of this configuration (NumPy or torch)."""
     want = (cfg.channels, cfg.image_size, cfg.image_size)
     if x.ndim != 4 or tuple(x.shape[1:]) != want:
-        S, P = (x.shape[-1], cfg.patch_size) if x.ndim == 4 else (None, cfg.patch_size)
-        hint = f" (size {S} is not divisible by the patch {P})" if S and S % P else ""
+        S, P = x.shape[-1] if x.ndim == 4 else 0, cfg.patch_size
+        hint = f" (size {S} is not divisible by the patch {P})" if S % P else ""
         raise ValueError(f"expected images [B, {want[0]}, {want[1]}, {want[2]}], got {tuple(x.shape)}{hint}")
 
 
 def check_tokens(z, cfg):
-    """Works on NumPy arrays and torch tensors."""
+    """ValueError unless z is a token batch [B, T, D] of this configuration (NumPy or torch)."""
     want = (cfg.tokens, cfg.token_dim)
     if z.ndim != 3 or tuple(z.shape[1:]) != want:
         raise ValueError(f"expected z of shape [B, {want[0]}, {want[1]}] (T tokens, D values), got {tuple(z.shape)}")
