@@ -63,6 +63,12 @@ class Diagnostics:
     igm: np.ndarray        # [N, 2]
     crm: np.ndarray        # [N]
 
+    @classmethod
+    def from_blocks(cls, rows):
+        """rows: block_metrics of forward blocks 0..N-1, each (igm [2], crm)."""
+        igm, crm = zip(*rows)
+        return cls(np.array(igm), np.array(crm))
+
 
 def diagnose(params, cfg, images, y=None) -> Diagnostics:
     """IGM and CRM of every block from a forward pass of images: [B, c, S, S] (NumPy)."""
@@ -76,7 +82,7 @@ def diagnose(params, cfg, images, y=None) -> Diagnostics:
             return conditioner(pb, tokens, y, cfg, reverse)
         rows.append(block_metrics(permute(z, reverse), permute(out, reverse), evaluate, pb["proj_out.weight"]))
         z = out
-    return Diagnostics(np.array([r[0] for r in rows]), np.array([r[1] for r in rows]))
+    return Diagnostics.from_blocks(rows)
 
 
 @torch.no_grad()
@@ -100,7 +106,7 @@ def diagnose_torch(model, images, y=None) -> Diagnostics:
         out, _ = block(z, y)
         rows.append(block_metrics_torch(block, z, out, y))
         z = out
-    return Diagnostics(np.array([r[0] for r in rows]), np.array([r[1] for r in rows]))
+    return Diagnostics.from_blocks(rows)
 
 
 class Trace:
