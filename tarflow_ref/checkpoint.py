@@ -1,16 +1,21 @@
-"""Safe, strict loading of TarFlow checkpoints, and conversion between the torch and NumPy models.
+"""Safe, strict loading of TarFlow checkpoints, safe writing of any output file, and conversion
+between the torch and NumPy models.
 
 A checkpoint is a plain `torch.save`d state dict of float32 tensors with the released keys
 (SPEC, "The released files"). It is read with `torch.load(weights_only=True)`, so a file can
 never run code; the configuration is inferred from the tensor shapes; every key is then checked
 against the model that configuration builds, and any difference is reported by key name with
-the expected and found shapes before anything is loaded.
+the expected and found shapes before anything is loaded. Files are written through
+`written_atomically`, so an existing file is replaced only once its successor is complete.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import pickle
 import re
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -51,6 +56,26 @@ def read_state_dict(path) -> dict:
             raise CheckpointError(f"{path}: expected a state dict of tensors, but '{key}' holds a "
                                   f"{type(value).__name__}")
     return state
+
+
+@contextlib.contextmanager
+def written_atomically(path):
+    """Yield a temporary path to write to; it replaces `path` only when the block ends without an
+    error, so an interrupted or failed write never leaves a half-written file nor loses the old one.
+
+    The temporary file has the same name, in a hidden folder beside `path` (same file system, so
+    the replacement is one atomic rename): PIL and np.save read the format from the suffix, and
+    torch.save names the records inside its zip after the file, so the bytes match a direct save.
+    """
+    path = Path(path)
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    partial = folder / path.name
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+        folder.rmdir()
 
 
 def config_from_state_dict(state: dict, *, noise_std: float | None = None, head_dim: int = 64) -> TarFlowConfig:

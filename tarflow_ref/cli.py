@@ -237,9 +237,12 @@ def to_unit(x):
 
 
 def save_grid(images, path: Path, cols: int, scale: int):
-    """images: [n, c, S, S] in [0, 1] -> one PNG, `cols` per row, a 1-pixel grey frame, pixels enlarged."""
+    """images: [n, c, S, S] in [0, 1] -> one PNG, `cols` per row, a 1-pixel grey frame, pixels enlarged.
+    An existing file at `path` is replaced only once the new PNG is complete."""
     from PIL import Image
     from einops import rearrange
+
+    from .checkpoint import written_atomically
 
     n, c, S, _ = images.shape
     rows = math.ceil(n / cols)
@@ -249,7 +252,8 @@ def save_grid(images, path: Path, cols: int, scale: int):
     pixels = np.rint(grid * 255).astype(np.uint8)
     img = Image.fromarray(pixels[..., 0] if c == 1 else pixels)
     img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
-    img.save(path)
+    with written_atomically(path) as partial:
+        img.save(partial)
 
 
 def check_out(path: Path, fail, suffix=".png"):
@@ -288,7 +292,10 @@ def run_sample(args, fail):
         cols = args.cols or math.ceil(math.sqrt(args.n))
     save_grid(images, args.out, min(cols, args.n), default_scale(args, cfg))
     if args.npy is not None:
-        np.save(args.npy, images.astype(np.float32))
+        from .checkpoint import written_atomically
+
+        with written_atomically(args.npy) as partial:
+            np.save(partial, images.astype(np.float32))
     print(f"wrote {args.out} ({args.n} images{'' if labels is None else ', classes ' + format_classes(args, cfg)})")
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import written_atomically
 from .config import TarFlowConfig
 from .data import load_dataset, to_model_range
 from .logdet import bits_per_dim, dequantize
@@ -166,8 +167,10 @@ def train_step(model, opt, sched, x, y, s: TrainSettings) -> float:
 
 
 def save_model(model, path):
-    """The released format: a plain state dict of float32 CPU tensors."""
-    torch.save({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}, path)
+    """The released format: a plain state dict of float32 CPU tensors (replacing `path` only when complete)."""
+    with written_atomically(path) as partial:
+        torch.save({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()},
+                   partial)
 
 
 def resume_path(checkpoint) -> Path:
@@ -212,9 +215,12 @@ def train(s: TrainSettings, out_dir=".", *, resume=False, force=False, stop_afte
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    save_model(model, path)
-    torch.save({"settings": asdict(s), "step": len(losses), "losses": losses,
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, resume_path(path))
+    # both files are complete before either replaces its predecessor: the pair can only disagree
+    # if the process dies between the two renames
+    with written_atomically(resume_path(path)) as partial:
+        torch.save({"settings": asdict(s), "step": len(losses), "losses": losses,
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, partial)
+        save_model(model, path)
     return TrainResult(path, len(losses), losses)
 
 
