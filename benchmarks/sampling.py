@@ -29,8 +29,10 @@ import torch
 
 from tarflow_ref import Guidance, TarFlow, TarFlowConfig, load_checkpoint
 from tarflow_ref.config import RELEASED_FILES
+from tarflow_ref.strategy import PRESETS
 from tarflow_ref.torch_backend import textbook
 from tarflow_ref.torch_backend.engine import Engine, autocast
+from tarflow_ref.torch_backend.jacobi import auto_strategy, sample_gsj
 from tarflow_ref.torch_backend.model import randomize_
 
 QUICK = TarFlowConfig(image_size=16, patch_size=2, channels=3, width=64, blocks=2, layers=2, num_classes=10,
@@ -63,10 +65,6 @@ def measure(fn, device, repeat, clock):
 
 def published(name):
     """(strategy, guidance) of the published GS-Jacobi setting for a released file, or Nones."""
-    try:
-        from tarflow_ref.strategy import PRESETS
-    except ImportError:
-        return None, None
     preset = PRESETS.get(name)
     return (preset.strategy, preset.guidance) if preset else (None, None)
 
@@ -94,10 +92,6 @@ def gs_jacobi(model, noise, y, guidance, strategy, bf16, timed):
     """(seconds, strategy text) of sample_gsj, or (None, reason)."""
     if strategy is None:
         return None, "no published strategy"
-    try:
-        from tarflow_ref.torch_backend.jacobi import auto_strategy, sample_gsj
-    except ImportError:
-        return None, "tarflow_ref.torch_backend.jacobi not available"
     if strategy == "auto":
         strategy = auto_strategy(model, None if y is None else y[:4], guidance, batch=min(4, len(noise)))
     _, seconds, _ = timed(lambda: sample_gsj(model, noise, y, strategy, guidance, bf16))
