@@ -11,8 +11,9 @@ with the published strategy (or one found by auto_strategy for the small models)
 pass model(x, y) over the same batch. Released configurations get random weights
 (torch_backend.model.randomize_) in the released layout and the published guidance.
 
-Timings are the best of --repeat runs; on CUDA the clocks are read after a synchronise, and the
-engine's warm-up and graph capture happen before its timed run and are reported separately.
+Timings are the best of --repeat runs; on CUDA the clocks are read after a synchronise, every
+timed function runs once untimed first (cuDNN's attention plans, see `measure`), and the engine's
+warm-up and graph capture happen before its timed run and are reported separately.
 --max-steps K times only the first K tokens of the first sampled block for (a) and (b) and
 extrapolates to N (T - 1) tokens, marked '~': later tokens attend to more keys (and the
 textbook copies a longer cache), so it is a lower bound, more so for (a). --max-textbook-steps K
@@ -48,8 +49,13 @@ def synchronize(device):
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def measure(fn, device, repeat, clock):
-    """(result, best seconds, peak GPU MiB or None) of fn() over `repeat` runs."""
+def measure(fn, device, repeat, clock, warm_up=False):
+    """(result, best seconds, peak GPU MiB or None) of fn() over `repeat` runs, after one untimed
+    run if warm_up is set, and always on CUDA: there cuDNN's attention builds a plan for each new
+    shape the first time it meets one (the textbook loop meets a new key length at every token,
+    about 70 ms each on an H200), a one-off cost that later batches do not pay."""
+    if warm_up or device.type == "cuda":
+        fn()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     best, result = math.inf, None
@@ -102,8 +108,8 @@ def run_config(name, batch, args, device):
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     bf16 = args.dtype == "bf16"
 
-    def timed(fn, repeat=args.repeat):
-        return measure(fn, device, repeat, CLOCKS[args.clock])
+    def timed(fn, repeat=args.repeat, warm_up=False):
+        return measure(fn, device, repeat, CLOCKS[args.clock], warm_up)
     model, guidance, strategy = build(name, device, dtype, args.out_scale)
     if args.guidance is not None:
         guidance = Guidance(args.guidance, guidance.what, guidance.annealed, guidance.temperature)
@@ -143,8 +149,7 @@ def run_config(name, batch, args, device):
 
     images = torch.randn(batch, cfg.channels, cfg.image_size, cfg.image_size, generator=gen).to(device, dtype)
     with torch.no_grad(), autocast(device, bf16):
-        model(images, y)                                                   # warm-up
-        _, forward_s, _ = timed(lambda: model(images, y))
+        _, forward_s, _ = timed(lambda: model(images, y), warm_up=True)
 
     gsj_s, gsj_strategy = (None, "not timed with --max-steps") if engine_steps else \
         gs_jacobi(model, noise, y, guidance, strategy, bf16, timed)
