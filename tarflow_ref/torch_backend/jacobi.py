@@ -78,12 +78,10 @@ def sample_gsj(model, noise, y=None, strategy=None, guidance: Guidance | None = 
     tarflow_ref.sample but by GS-Jacobi. strategy: a Strategy, text, or 'auto' (auto_strategy
     on a small batch of this model first, with the same labels and guidance)."""
     cfg = model.config
-    if isinstance(strategy, str) and strategy.strip() == "auto":
-        check_tokens(noise, cfg)
-        check_labels(y, cfg.num_classes, len(noise))
-        strategy = auto_strategy(model, y, guidance)
-    strategy = as_strategy(strategy, cfg)
     check_tokens(noise, cfg)
+    if isinstance(strategy, str) and strategy.strip() == "auto":
+        check_labels(y, cfg.num_classes, len(noise))          # before the search, not after it
+        strategy = auto_strategy(model, y, guidance)
     tokens = inverse_gsj(model, noise * model.var.sqrt(), y, strategy, guidance, bf16, progress, trace)
     return unpatchify(tokens, cfg.patch_size, cfg.channels)
 
