@@ -21,7 +21,7 @@ import torch
 from ..denoise import check_factor, noise_sigma, step_size
 from ..flow import check_labels
 from ..model import check_image
-from .sampling import autocast
+from .engine import autocast, check_bf16_model
 
 
 @contextlib.contextmanager
@@ -45,9 +45,8 @@ def denoise(model, x, y=None, factor=1.0, chunk_size=None, bf16=False, progress=
     check_image(x, cfg)
     check_labels(y, cfg.num_classes, len(x))
     sigma, factor = noise_sigma(cfg, sigma), check_factor(factor)
-    if bf16 and next(model.parameters()).dtype != torch.float32:
-        raise ValueError("bf16=True (bfloat16 autocast) needs a float32 model, "
-                         f"this one is {next(model.parameters()).dtype}")
+    if bf16:
+        check_bf16_model(next(model.parameters()).dtype)
     chunk_size = max(len(x), 1) if chunk_size is None else chunk_size
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (or None for the whole batch), got {chunk_size}")

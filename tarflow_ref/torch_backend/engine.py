@@ -121,6 +121,12 @@ def autocast(device, bf16: bool, cache_enabled: bool = True):
     return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
 
 
+def check_bf16_model(dtype):
+    """Autocast casts float32 only: a model of another dtype would silently run in that dtype."""
+    if dtype != torch.float32:
+        raise ValueError(f"bfloat16 autocast needs a float32 model, this one is {dtype}")
+
+
 def bf16_linears(block):
     """A copy of the block with its Linear weights and biases stored in bfloat16 (for autocast)."""
     block = copy.deepcopy(block)
@@ -147,8 +153,8 @@ class Engine:
         graphs = device.type == "cuda" if graphs is None else graphs
         if graphs and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a model on a CUDA device, this one is on '{device.type}'")
-        if bf16 and dtype != torch.float32:
-            raise ValueError(f"bfloat16 autocast needs a float32 model, this one is {dtype}")
+        if bf16:
+            check_bf16_model(dtype)
         self.blocks = [bf16_linears(b) for b in blocks] if bf16 else list(blocks)
         self.guidance, self.bf16, self.graphs, self.device = guidance, bf16, graphs, device
         tokens, token_dim = first.pos_embed.shape[0], first.token_dim
