@@ -176,8 +176,12 @@ def download_release(name: str, *, repo_id: str = DEFAULT_HUB_REPO, cache_dir=No
 
 def _unpickler_reason(err) -> str:
     """The one informative sentence of torch's long weights-only error message."""
-    _, found, rest = str(err).partition("WeightsUnpickler error:")
-    reason = rest.strip().splitlines()[0] if found and rest.strip() else _first_line(err)
+    text = str(err)
+    _, found, rest = text.partition("WeightsUnpickler error:")
+    if found and rest.strip():
+        reason = rest.strip().splitlines()[0]
+    else:  # a blocked module (os.system, ...) comes without that prefix: "... unsupported GLOBAL posix.system ..."
+        reason = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), _first_line(err))
     return reason.split(". Please")[0]
 
 
@@ -202,6 +206,6 @@ def _shape(state, key, rank):
 def _channels_and_patch(D: int):
     for channels in (3, 1):
         patch = math.isqrt(D // channels)
-        if D % channels == 0 and channels * patch * patch == D:
+        if patch > 0 and D % channels == 0 and channels * patch * patch == D:
             return channels, patch
     raise CheckpointError(f"proj_in takes {D} values per token, which is neither 3*P^2 nor P^2")

@@ -45,13 +45,13 @@ class TarFlowConfig:
     noise_std: float | None = None
 
     def __post_init__(self):
+        for name in ("image_size", "patch_size", "channels", "width", "blocks", "layers", "head_dim"):
+            if getattr(self, name) < 1:  # first: the divisibility checks below divide by two of them
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.image_size % self.patch_size:
             raise ConfigError(f"image size {self.image_size} is not divisible by patch size {self.patch_size}")
         if self.width % self.head_dim:
             raise ConfigError(f"width {self.width} is not divisible by head width {self.head_dim}")
-        for name in ("image_size", "patch_size", "channels", "width", "blocks", "layers", "head_dim"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.num_classes < 0:
             raise ConfigError(f"num_classes must be >= 0, got {self.num_classes}")
 
