@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -146,7 +147,7 @@ def load_model(args, fail):
     check_threads(args, fail)
     path = args.ckpt if args.ckpt is not None else bundled_checkpoint()
     if not path.is_file():
-        fail(f"checkpoint {path} does not exist")
+        fail(f"checkpoint {path} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
     try:
         model = load_checkpoint(path, device=args.device)
     except CheckpointError as err:
@@ -257,10 +258,15 @@ def save_grid(images, path: Path, cols: int, scale: int):
 
 
 def check_out(path: Path, fail, suffix=".png"):
+    """Everything that would stop the final write, checked before any sampling."""
     if path.suffix.lower() != suffix:
         fail(f"{path}: the output must be a {suffix} file")
     if not path.parent.is_dir():
         fail(f"{path.parent}: no such folder for the output")
+    if path.is_dir():
+        fail(f"{path}: is a folder; the output must be a file")
+    if not os.access(path.parent, os.W_OK):
+        fail(f"{path.parent}: the output folder is not writable")
 
 
 def default_scale(args, cfg):
@@ -373,7 +379,7 @@ def run_train(args, fail):
     check_threads(args, fail)
     try:
         settings = TrainSettings(
-            data=args.data, image_size=8 if digits else args.image_size,
+            data=args.data, image_size=8 if args.image_size is None else args.image_size,   # digits: 8 only
             channels=args.channels or (1 if digits else 3), patch_size=args.patch, width=args.width,
             blocks=args.blocks, layers=args.layers, noise_std=args.sigma, conditional=not args.unconditional,
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,

@@ -76,8 +76,11 @@ def load_image_folder(root, image_size: int, channels: int = 3):
         for path in sorted((root / name).iterdir()):
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            with Image.open(path) as img:
-                img = center_crop(img.convert("L" if channels == 1 else "RGB"), image_size)
+            try:
+                with Image.open(path) as img:
+                    img = center_crop(img.convert("L" if channels == 1 else "RGB"), image_size)
+            except OSError as err:                                    # PIL.UnidentifiedImageError too
+                raise ValueError(f"{path}: not a readable image ({err})") from None
             pixels = np.asarray(img, dtype=np.uint8).reshape(image_size, image_size, channels)
             images.append(pixels.transpose(2, 0, 1))                  # [c, S, S]
             labels.append(label)

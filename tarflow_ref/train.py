@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import written_atomically
+from .checkpoint import _unpickler_reason, check_state_dict, read_state_dict, written_atomically
 from .config import TarFlowConfig
 from .data import load_dataset, to_model_range
 from .logdet import bits_per_dim, dequantize
@@ -205,6 +205,10 @@ def train(s: TrainSettings, out_dir=".", *, resume=False, force=False, stop_afte
     step, losses = 0, []
     if resume:
         step, losses = load_resume(path, s, model, opt, sched)
+    try:                                    # before training, so that a bad folder costs no work
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot use {out_dir} as the folder for the checkpoint: {err.strerror}") from None
     end = s.steps if stop_after is None else min(s.steps, stop_after)
     model.train()
     steps = range(step, end)
@@ -214,7 +218,6 @@ def train(s: TrainSettings, out_dir=".", *, resume=False, force=False, stop_afte
         losses.append(train_step(model, opt, sched, x, y, s))
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
     # both files are complete before either replaces its predecessor: the pair can only disagree
     # if the process dies between the two renames
     with written_atomically(resume_path(path)) as partial:
@@ -226,14 +229,20 @@ def train(s: TrainSettings, out_dir=".", *, resume=False, force=False, stop_afte
 
 def load_resume(path: Path, s: TrainSettings, model, opt, sched):
     """Restore model, optimiser and schedule; the settings must match the interrupted run's."""
-    state = torch.load(resume_path(path), map_location="cpu", weights_only=True)
-    saved = state["settings"]
+    try:
+        state = torch.load(resume_path(path), map_location="cpu", weights_only=True)
+        saved = state["settings"]
+    except Exception as err:  # truncated, not a torch.save file, or not one that train() wrote
+        raise ValueError(f"{resume_path(path)}: not a readable resume file "
+                         f"({type(err).__name__}: {_unpickler_reason(err)}); start over with --force") from None
     # device and bf16 may change between sessions; everything else shapes the run
     differ = [f.name for f in fields(s) if f.name not in ("device", "bf16") and saved.get(f.name) != getattr(s, f.name)]
     if differ:
         raise ValueError("cannot resume with different settings: " +
                          ", ".join(f"{k} was {saved.get(k)!r}, now {getattr(s, k)!r}" for k in differ))
-    model.load_state_dict(torch.load(path, map_location=s.device, weights_only=True), strict=True)
+    weights = read_state_dict(path)                 # a CheckpointError names a broken or foreign file
+    check_state_dict(weights, model.state_dict())
+    model.load_state_dict(weights, strict=True)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     return state["step"], list(state["losses"])
