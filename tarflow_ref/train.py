@@ -24,7 +24,6 @@ the losses and the training settings, to resume.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -36,6 +35,7 @@ from .checkpoint import _unpickler_reason, check_state_dict, read_state_dict, wr
 from .config import TarFlowConfig
 from .data import load_dataset, to_model_range
 from .logdet import bits_per_dim, dequantize
+from .torch_backend.engine import autocast
 from .torch_backend.model import TarFlow
 
 RESUME_SUFFIX = ".resume.pt"
@@ -151,13 +151,9 @@ def training_batch(images, labels, s: TrainSettings, step: int):
     return x, torch.where(drop, -1, y)
 
 
-def autocast(s: TrainSettings):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if s.bf16 else contextlib.nullcontext()
-
-
 def train_step(model, opt, sched, x, y, s: TrainSettings) -> float:
     """One optimiser step on a batch; returns the loss."""
-    with autocast(s):
+    with autocast(torch.device(s.device), s.bf16):
         loss = model.loss(x.to(s.device), None if y is None else y.to(s.device))
     opt.zero_grad(set_to_none=True)
     loss.backward()
