@@ -127,9 +127,10 @@ def main(argv=None):
 
 # ---- shared by the subcommands -------------------------------------------------------------------
 
-def progress(desc):
+def progress(desc, leave=False):
+    """A wrapper that shows a tqdm bar while iterating; the tqdm object also takes set_postfix."""
     from tqdm.auto import tqdm
-    return lambda items: tqdm(items, desc=desc, leave=False, dynamic_ncols=True)
+    return lambda items: tqdm(items, desc=desc, leave=leave, dynamic_ncols=True)
 
 
 def load_model(args, fail):
@@ -188,8 +189,6 @@ def labels_for(args, cfg, fail):
     """Labels [n] cycling through --class (default: every class), or None for an unconditional model."""
     import torch
 
-    if args.denoise and cfg.noise_std is None:
-        fail("the checkpoint's sigma is unknown (its name does not follow the released pattern); use --no-denoise")
     if not cfg.conditional:
         if args.classes is not None:
             fail("this model is unconditional: it takes no --class")
@@ -201,7 +200,12 @@ def labels_for(args, cfg, fail):
     return torch.tensor([cycle[i % len(cycle)] for i in range(args.n)])
 
 
-def denoiser(fail):
+def denoiser(args, cfg, fail):
+    """The score-denoising step, or None with --no-denoise."""
+    if not args.denoise:
+        return None
+    if cfg.noise_std is None:
+        fail("the checkpoint's sigma is unknown (its name does not follow the released pattern); use --no-denoise")
     try:
         from .torch_backend.denoise import denoise
     except ImportError:
@@ -230,11 +234,6 @@ def draw_images(model, args, labels, guidance, sampler, denoise=None):
             x = denoise(model, x, y, factor=args.denoise_factor, bf16=args.bf16, progress=progress("denoise"))
         out.append(x.detach().float().cpu())
     return torch.cat(out)
-
-
-def to_unit(x):
-    """Model range -> [0, 1]: clip to [-1, 1] (the released evaluation), then 0.5 (x + 1)."""
-    return ((x.clamp(-1, 1) + 1) / 2).numpy()
 
 
 def save_grid(images, path: Path, cols: int, scale: int):
@@ -269,6 +268,11 @@ def check_out(path: Path, fail, suffix=".png"):
         fail(f"{path.parent}: the output folder is not writable")
 
 
+def check_data(args, fail):
+    if args.data != "digits" and not Path(args.data).is_dir():
+        fail(f"--data {args.data}: neither 'digits' nor an existing folder")
+
+
 def default_scale(args, cfg):
     return args.scale if args.scale is not None else max(1, math.ceil(64 / (cfg.image_size + 2)))
 
@@ -276,6 +280,8 @@ def default_scale(args, cfg):
 # ---- sample ---------------------------------------------------------------------------------------
 
 def run_sample(args, fail):
+    from .data import to_unit_range
+
     args.n = 20 if args.n is None else args.n
     check_out(args.out, fail)
     if args.npy is not None:
@@ -288,14 +294,11 @@ def run_sample(args, fail):
     model = load_model(args, fail)
     cfg = model.config
     labels = labels_for(args, cfg, fail)
-    denoise = denoiser(fail) if args.denoise else None
+    denoise = denoiser(args, cfg, fail)
     sampler = make_sampler(args, cfg, fail)
-    images = to_unit(draw_images(model, args, labels, guidance, sampler, denoise))
-    if labels is not None:
-        cycle = len(args.classes or range(cfg.num_classes))
-        cols = args.cols or (cycle if cycle <= 16 else math.ceil(math.sqrt(args.n)))
-    else:
-        cols = args.cols or math.ceil(math.sqrt(args.n))
+    images = to_unit_range(draw_images(model, args, labels, guidance, sampler, denoise)).numpy()
+    cycle = len(args.classes or range(cfg.num_classes))           # 0 for an unconditional model
+    cols = args.cols or (cycle if 0 < cycle <= 16 else math.ceil(math.sqrt(args.n)))
     save_grid(images, args.out, min(cols, args.n), default_scale(args, cfg))
     if args.npy is not None:
         from .checkpoint import written_atomically
@@ -335,6 +338,7 @@ def make_sampler(args, cfg, fail):
 def run_trace(args, fail):
     import torch
 
+    from .data import to_unit_range
     from .patchify import unpatchify
     from .torch_backend.sampling import autocast, block_inverse
 
@@ -344,7 +348,7 @@ def run_trace(args, fail):
     model = load_model(args, fail)
     cfg = model.config
     labels = labels_for(args, cfg, fail)
-    denoise = denoiser(fail) if args.denoise else None
+    denoise = denoiser(args, cfg, fail)
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(args.n, cfg.tokens, cfg.token_dim, generator=gen).to(args.device)
     y = None if labels is None else labels.to(args.device)
@@ -359,7 +363,7 @@ def run_trace(args, fail):
         x = unpatchify(stages[-1], cfg.patch_size, cfg.channels)
         columns.append(denoise(model, x, y, factor=args.denoise_factor, bf16=args.bf16).detach().float().cpu())
     frames = torch.stack(columns, dim=1).flatten(0, 1)        # [n * columns, c, S, S], row by row
-    save_grid(to_unit(frames), args.out, len(columns), default_scale(args, cfg))
+    save_grid(to_unit_range(frames).numpy(), args.out, len(columns), default_scale(args, cfg))
     names = ["noise"] + [f"block {b}" for b in reversed(range(cfg.blocks))] + (["denoised"] if args.denoise else [])
     print(f"wrote {args.out} ({args.n} rows; columns: {', '.join(names)})")
 
@@ -370,8 +374,7 @@ def run_train(args, fail):
     from .train import TrainSettings, train
 
     digits = args.data == "digits"
-    if not digits and not Path(args.data).is_dir():
-        fail(f"--data {args.data}: neither 'digits' nor an existing folder")
+    check_data(args, fail)
     if not digits and args.image_size is None:
         fail("training on a folder needs --image-size")
     if args.stop_after is not None and args.stop_after < 1:
@@ -386,17 +389,12 @@ def run_train(args, fail):
             weight_decay=args.weight_decay, drop_label=args.drop_label, flip=args.flip, seed=args.seed,
             device=args.device, bf16=args.bf16)
         result = train(settings, args.out_dir, resume=args.resume, force=args.force,
-                       stop_after=args.stop_after, progress=train_progress)
+                       stop_after=args.stop_after, progress=progress("train", leave=True))
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         fail(str(err))
     tail = result.losses[-100:]
     print(f"wrote {result.checkpoint} after {result.step} of {settings.steps} steps; "
           f"mean loss of the last {len(tail)} steps {sum(tail) / max(1, len(tail)):.4f}")
-
-
-def train_progress(steps):
-    from tqdm.auto import tqdm
-    return tqdm(steps, desc="train", dynamic_ncols=True)
 
 
 # ---- bpd ------------------------------------------------------------------------------------------
@@ -407,8 +405,7 @@ def run_bpd(args, fail):
 
     if args.batch_size < 1:
         fail(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.data != "digits" and not Path(args.data).is_dir():
-        fail(f"--data {args.data}: neither 'digits' nor an existing folder")
+    check_data(args, fail)
     model = load_model(args, fail)
     cfg = model.config
     try:
