@@ -23,13 +23,13 @@ def class_log_likelihoods(model, x, *, batch_size: int = 512) -> torch.Tensor:
     if not cfg.conditional:
         raise ValueError("the flow is unconditional: it has no p(x | y) to classify with")
     dims = cfg.tokens * cfg.token_dim
-    device = next(model.parameters()).device
+    weight = next(model.parameters())                    # the model's device and dtype
     rows = []
     for start in range(0, len(x), batch_size):
-        chunk = x[start:start + batch_size].to(device, next(model.parameters()).dtype)
+        chunk = x[start:start + batch_size].to(weight.device, weight.dtype)
         per_class = []
         for label in range(cfg.num_classes):
-            y = torch.full((len(chunk),), label, device=device, dtype=torch.long)
+            y = torch.full((len(chunk),), label, device=weight.device, dtype=torch.long)
             z, logdet = model(chunk, y)
             per_class.append(-dims * nll_per_dim(z.double(), logdet.double()))
         rows.append(torch.stack(per_class, dim=1).cpu())                      # [b, K]
