@@ -32,6 +32,17 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def finite(text: str) -> float:
+    """argparse type of every real-valued flag: nan or inf would pass the range checks unnoticed."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: '{text}'") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got '{text}'")
+    return value
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="tarflow-ref", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -47,16 +58,16 @@ def build_parser() -> Parser:
     draw.add_argument("--n", type=int, help="number of images (default: sample 20, trace 4)")
     draw.add_argument("--class", dest="classes", type=int, nargs="+", metavar="LABEL",
                       help="class label(s), cycled over the images; default: all classes in turn")
-    draw.add_argument("--cfg", type=float, help="classifier-free guidance weight g >= 0 "
+    draw.add_argument("--cfg", type=finite, help="classifier-free guidance weight g >= 0 "
                       "(default: the bundled model's recommended weight, else 0)")
     draw.add_argument("--guide-what", choices=["a", "b", "ab"], default="ab",
                       help="guide the log-scale (a), the shift (b) or both (default: ab)")
     draw.add_argument("--annealed", action="store_true", help="anneal the guidance weight along the tokens: g (t+1)/(T-1)")
-    draw.add_argument("--attn-temp", type=float, default=1.0,
+    draw.add_argument("--attn-temp", type=finite, default=1.0,
                       help="attention temperature of the unconditional branch (default: 1)")
     draw.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=True,
                       help="remove the training noise with one score step (default: on)")
-    draw.add_argument("--denoise-factor", type=float, default=1.0,
+    draw.add_argument("--denoise-factor", type=finite, default=1.0,
                       help="multiplies the step size lambda = B S^2 c sigma^2 (default: 1.0, the theoretical optimum)")
     draw.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
     draw.add_argument("--batch-size", type=int, default=64, help="images per sampling batch (default: 64)")
@@ -88,15 +99,15 @@ def build_parser() -> Parser:
     tr.add_argument("--width", type=int, default=64, help="model width C, a multiple of 64 (default: 64)")
     tr.add_argument("--blocks", type=int, default=4, help="flow blocks (default: 4)")
     tr.add_argument("--layers", type=int, default=1, help="transformer layers per block (default: 1)")
-    tr.add_argument("--sigma", type=float, default=0.1, help="noise augmentation sigma (default: 0.1)")
+    tr.add_argument("--sigma", type=finite, default=0.1, help="noise augmentation sigma (default: 0.1)")
     tr.add_argument("--unconditional", action="store_true", help="ignore the labels")
     tr.add_argument("--steps", type=int, default=2000, help="optimiser steps of the whole schedule (default: 2000)")
     tr.add_argument("--stop-after", type=int, help="stop (and save) after this many steps; continue later with --resume")
     tr.add_argument("--batch-size", type=int, default=64, help="images per step (default: 64)")
-    tr.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    tr.add_argument("--lr", type=finite, default=1e-3, help="peak learning rate (default: 1e-3)")
     tr.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default: 100)")
-    tr.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: 1e-4)")
-    tr.add_argument("--drop-label", type=float, default=0.1, help="probability of dropping a label (default: 0.1)")
+    tr.add_argument("--weight-decay", type=finite, default=1e-4, help="AdamW weight decay (default: 1e-4)")
+    tr.add_argument("--drop-label", type=finite, default=0.1, help="probability of dropping a label (default: 0.1)")
     tr.add_argument("--flip", action="store_true", help="random horizontal flips (natural images; not digits)")
     tr.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     tr.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (default: cpu)")

@@ -73,8 +73,9 @@ class TrainSettings:
                              f"got {self.width}")
         if not 0 <= self.warmup < self.steps:
             raise ValueError(f"warm-up must be in 0..steps-1 = {self.steps - 1}, got {self.warmup}")
-        if self.noise_std < 0 or self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError("noise_std and weight_decay must be >= 0 and lr > 0, "
+        # written so that nan fails too (every comparison with nan is False)
+        if not (0 <= self.noise_std < math.inf and 0 <= self.weight_decay < math.inf and 0 < self.lr < math.inf):
+            raise ValueError("noise_std and weight_decay must be finite and >= 0, lr finite and > 0; "
                              f"got {self.noise_std}, {self.weight_decay}, {self.lr}")
         if not 0 <= self.drop_label < 1:
             raise ValueError(f"drop_label must be in [0, 1), got {self.drop_label}")
