@@ -185,9 +185,12 @@ def train(s: TrainSettings, out_dir=".", *, resume=False, force=False, stop_afte
           progress=None) -> TrainResult:
     """Train (or resume) and write the checkpoint and its resume file into out_dir.
 
-    Refuses to overwrite an existing checkpoint unless resume (continue it) or force (start over).
+    Refuses to overwrite an existing checkpoint unless resume (continue it) or force (start over);
+    with force the old files stay until the new pair is complete. out_dir is created before the
+    first step, so a path that cannot be a folder fails before any training.
     stop_after: stop (and save) after this many steps in total, to continue later with resume.
-    progress: wraps the step range (e.g. tqdm); it may read `.set_postfix` for the loss.
+    progress: wraps the step range (e.g. tqdm); if what it returns has `.set_postfix`, the loss
+    of each step is shown there.
     """
     path = Path(out_dir) / s.file_name
     if path.exists() and not (resume or force):
