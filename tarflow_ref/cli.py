@@ -351,7 +351,7 @@ def run_trace(args, fail):
 
     from .data import to_unit_range
     from .patchify import unpatchify
-    from .torch_backend.sampling import autocast, block_inverse
+    from .torch_backend.sampling import block_inverse
 
     args.n = 4 if args.n is None else args.n
     check_out(args.out, fail)
@@ -365,10 +365,9 @@ def run_trace(args, fail):
     y = None if labels is None else labels.to(args.device)
     z = noise * model.var.sqrt()
     stages = [z]                                               # each [n, T, D]
-    with torch.no_grad(), autocast(noise.device, args.bf16):
-        for block in progress("blocks")(list(reversed(model.blocks))):
-            z = block_inverse(block, z, y, guidance)
-            stages.append(z)
+    for block in progress("blocks")(list(reversed(model.blocks))):
+        z = block_inverse(block, z, y, guidance, args.bf16)
+        stages.append(z)
     columns = [unpatchify(s, cfg.patch_size, cfg.channels).float().cpu() for s in stages]   # [n, c, S, S]
     if denoise is not None:
         x = unpatchify(stages[-1], cfg.patch_size, cfg.channels)

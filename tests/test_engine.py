@@ -14,7 +14,7 @@ from tarflow_ref.flow import block_params, guided_conditioner as np_guided_condi
 from tarflow_ref.flow import new_caches as np_new_caches
 from tarflow_ref.strategy import parse_strategy
 from tarflow_ref.torch_backend import sampling, textbook
-from tarflow_ref.torch_backend.engine import Engine, KVCache
+from tarflow_ref.torch_backend.engine import Engine, KVCache, span_ends, span_index
 from tarflow_ref.torch_backend.jacobi import sample_gsj
 
 from conftest import SMALL_CONFIGS, make_model
@@ -107,29 +107,79 @@ def test_linears_cast_once_equal_autocast(name):
     assert relative_error(fast, sampling.sample(model, noise, y)) > 1e-4
 
 
+def test_an_enclosing_autocast_does_not_leak_into_the_engine():
+    """The engine sets its own precision: bf16=False inside a caller's bfloat16 autocast still
+    samples in float32, and sampling.block_inverse(bf16=True) equals the bfloat16 engine."""
+    cfg, model, _, noise, y = setup("cond-even-P2", dtype=torch.float32)
+    g = GUIDANCE["a-annealed-tau"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = sampling.inverse(model, noise, y, g)
+        block = sampling.block_inverse(model.blocks[1], noise, y, g)
+    assert torch.equal(inside, sampling.inverse(model, noise, y, g))
+    assert torch.equal(block, sampling.block_inverse(model.blocks[1], noise, y, g))
+    bf16 = sampling.block_inverse(model.blocks[1], noise, y, g, bf16=True)
+    assert torch.equal(bf16, Engine([model.blocks[1]], len(noise), g, bf16=True).inverse(noise, y))
+    assert relative_error(bf16, block) > 1e-4
+
+
 def test_bfloat16_needs_a_float32_model():
     cfg, model, _, noise, y = setup("cond-even-P2")
     with pytest.raises(ValueError, match="bfloat16 autocast needs a float32 model"):
         sampling.sample(model, noise, y, bf16=True)
 
 
-@pytest.mark.parametrize("guide", ["none", "a-annealed-tau"])
-@pytest.mark.parametrize("b", [0, 1])
-def test_graph_body_run_eagerly_equals_the_eager_engine(b, guide):
-    """Engine.graph_step is what the CUDA graph records: positions come from a device tensor, the
-    attention reads all T cache slots through the mask. Run eagerly, it decodes the same block."""
-    cfg, model, _, noise, y = setup("cond-even-P2")
-    engine = Engine(model.blocks, len(noise), GUIDANCE[guide])
-    engine.set_labels(y)
-    eager = engine.block_inverse(b, noise)
+def graph_bodies(engine, b, noise, span_of):
+    """Decode block b eagerly with Engine.graph_step (what the CUDA graphs record), step t reading
+    span_of(t) cache slots; returns the block's output."""
     engine.load(b, noise)
     with torch.no_grad():
-        for t in range(cfg.tokens - 1):
+        for t in range(engine.u.shape[1] - 1):
             assert int(engine.position) == t
-            engine.graph_step(engine.blocks[b])
-    graph_body = engine.blocks[b].permute(engine.x)
+            engine.graph_step(engine.blocks[b], span_of(t))
+    return engine.blocks[b].permute(engine.x)
+
+
+@pytest.mark.parametrize("guide", ["none", "a-annealed-tau"])
+@pytest.mark.parametrize("b", [0, 1])
+@pytest.mark.parametrize("spans", [1, 3, 16])
+def test_graph_body_run_eagerly_equals_the_eager_engine(b, guide, spans):
+    """Engine.graph_step is what the CUDA graphs record: positions come from a device tensor, the
+    attention reads the graph's span of cache slots through the mask. Run eagerly with the span
+    the engine would replay at each step, it decodes the same block."""
+    cfg, model, _, noise, y = setup("cond-even-P2")
+    engine = Engine(model.blocks, len(noise), GUIDANCE[guide], spans=spans)
+    engine.set_labels(y)
+    eager = engine.block_inverse(b, noise)
+    graph_body = graph_bodies(engine, b, noise, lambda t: engine.spans[span_index(engine.spans, t)])
     assert relative_error(graph_body, eager) < 1e-13
     assert relative_error(eager, textbook.block_inverse(model.blocks[b], noise, y, GUIDANCE[guide])) < 1e-12
+
+
+def test_a_span_too_short_changes_the_sample():
+    """The span really limits what the graph's attention reads: one slot short of the prefix at
+    a single step is enough to change the block's output (so the tests above are not vacuous)."""
+    cfg, model, _, noise, y = setup("cond-even-P2")
+    engine = Engine(model.blocks, len(noise), GUIDANCE["ab"])
+    engine.set_labels(y)
+    eager = engine.block_inverse(0, noise)
+    short = graph_bodies(engine, 0, noise, lambda t: t if t == 5 else t + 1)
+    assert relative_error(short[:, :6], eager[:, :6]) == 0.0 and relative_error(short, eager) > 1e-6
+
+
+@pytest.mark.parametrize("tokens, spans", [(2, 16), (16, 16), (17, 16), (64, 16), (256, 16), (1024, 16),
+                                           (1024, 1), (100, 7)])
+def test_span_schedule_covers_each_step_tightly(tokens, spans):
+    """Step t reads slots 0..t: its graph's span covers them, and overshoots by less than one
+    span width, ceil((T - 1) / S): on average (T - 1) / 2S extra slots instead of T - t - 1."""
+    ends = span_ends(tokens, spans)
+    assert ends == sorted(set(ends)) and ends[-1] == tokens - 1 and len(ends) == min(spans, tokens - 1)
+    width = -(-(tokens - 1) // spans)
+    for t in range(tokens - 1):
+        span = ends[span_index(ends, t)]
+        assert t + 1 <= span < t + 1 + width
+    assert span_ends(1, spans) == []
+    with pytest.raises(ValueError, match="spans must be >= 1, got 0"):
+        span_ends(tokens, 0)
 
 
 def test_caches_are_static_and_the_textbook_caches_grow():

@@ -15,13 +15,18 @@ the arithmetic (book/sampling_speed.md). The engine computes the same numbers an
 costs:
 
 1. Static KV caches, [2B, H, T, d] per layer, allocated once and written in place at the
-   step's position; attention reads the written prefix (inside a CUDA graph: all T slots,
-   through the causal mask).
+   step's position; attention reads the written prefix. Inside a CUDA graph shapes are frozen,
+   so the graph of span s reads slots 0..s-1 through the causal mask: each block has one graph
+   per span s_j = ceil((j + 1)(T - 1) / S), j < S (S = 16), and step t replays the smallest
+   span >= t + 1. Reading all T slots at every step would double the dominant memory traffic
+   at large T (the keys and values, book/sampling_speed.md); these spans add (T - 1) / 2S
+   slots per step on average instead.
 2. Guidance's two branches in ONE pass over a batch of 2B: tokens [x; x], labels [y; -1]
    ("no label" = mean class embedding) and a per-sample temperature [1; tau_u]: [2B, 1, 1, 1].
 3. The per-token step (all layers, guidance, the affine update, t <- t + 1) reads and writes
-   only static buffers and a 0-dim device tensor t, so on CUDA it is captured once per block
-   as a CUDA graph (torch.cuda.CUDAGraph) and replayed T - 1 times: one launch per token.
+   only static buffers and a 0-dim device tensor t, so on CUDA it is captured as CUDA graphs
+   (torch.cuda.CUDAGraph, one per block and span) and replayed T - 1 times per block: one
+   launch per token.
 4. bfloat16 on CUDA: autocast, as the released evaluation samples, with the Linear weights cast
    to bfloat16 once (inside a graph autocast cannot cache its casts and would redo them at
    every step). Autocast rounds the float32 weights the same way, so the numbers are the same.
@@ -31,21 +36,26 @@ On the CPU the same step runs eagerly, with integer positions. `guided_condition
 them share this path.
 
 Seen on an H200 (torch 2.11): in float32 the replayed graphs equal the eager engine bit for bit.
-In bfloat16 with guidance (a batch of 2B) SDPA picks cuDNN's attention for the masked static
-cache, whose replays are not bit-reproducible; each stays within bfloat16 rounding of float64
-(about 1 %, as the efficient-attention kernel does reproducibly), so this is noise, not an error.
+In bfloat16 with guidance (a batch of 2B) SDPA picked cuDNN's attention for the masked static
+cache, whose replays were not bit-reproducible (within bfloat16 rounding of float64) and whose
+eager steps were slower (3.9 vs 2.8 ms); so the engine asks SDPA for the other kernels
+(`attention_kernels`), whose replays were bit-reproducible.
 """
+import bisect
 import contextlib
 import copy
+import math
 import time
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..guidance import Guidance, guide
 from .model import positions, rows, wide
 
 WARMUP_STEPS = 2      # eager steps before a capture: they initialise cuBLAS and allocate the caches
+SPANS = 16            # CUDA graphs per block, each reading a longer prefix of the caches
 
 
 class KVCache:
@@ -55,13 +65,15 @@ class KVCache:
 
     def __init__(self, tokens: int):
         self.tokens = tokens
+        self.span = tokens        # slots read at a device position; the Engine sets it per CUDA graph
         self.k = self.v = None
 
     def write(self, k, v, start):
         """k, v: [B', H, n, d] at positions start..start+n-1 -> keys, values to attend to.
 
         start: an int (returns positions 0..start+n-1), or a 0-dim device tensor, as in the CUDA
-        graph (returns all T slots; the attention's causal mask hides the later ones).
+        graph (returns slots 0..span-1, which must cover the positions written so far; the
+        attention's causal mask hides the later ones).
         """
         if self.k is None:
             shape = (*k.shape[:2], self.tokens, k.shape[-1])
@@ -73,7 +85,7 @@ class KVCache:
         write_rows(self.k, start, k, dim=2)
         write_rows(self.v, start, v, dim=2)
         if torch.is_tensor(start):
-            return self.k, self.v
+            return self.k.narrow(2, 0, self.span), self.v.narrow(2, 0, self.span)
         end = start + k.shape[2]
         return self.k.narrow(2, 0, end), self.v.narrow(2, 0, end)
 
@@ -119,12 +131,35 @@ def guided_conditioner(block, x, y, start, caches, guidance: Guidance | None):
     return guide(a[:B], m[:B], a[B:], m[B:], guidance, g)
 
 
-def autocast(device, bf16: bool, cache_enabled: bool = True):
+def autocast(device, bf16: bool):
     """bfloat16 autocast, as the released evaluation samples. Meant for CUDA; it works on the CPU
     too (slowly), which lets the tests run the bfloat16 path."""
     if not bf16:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def engine_precision(device, bf16: bool, cache_enabled: bool = True):
+    """The engine's own precision: bfloat16 autocast or none, whatever the caller's context is
+    (an enclosing autocast would otherwise leak into the engine and its captured graphs), and
+    SDPA without cuDNN's attention (see the module docstring; on the CPU SDPA has no such kernel)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=cache_enabled))
+    stack.enter_context(sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]))
+    return stack
+
+
+def span_ends(tokens: int, spans: int) -> list:
+    """The prefix lengths the CUDA graphs of a block read: ceil((j + 1)(T - 1) / S), j < S,
+    without repeats (S > T - 1 gives every length 1..T-1); none for T = 1 (nothing to decode)."""
+    if spans < 1:
+        raise ValueError(f"spans must be >= 1, got {spans}")
+    return sorted({math.ceil((j + 1) * (tokens - 1) / spans) for j in range(spans)} - {0})
+
+
+def span_index(ends: list, t: int) -> int:
+    """The graph for step t: the shortest span in `ends` covering the slots it reads, 0..t."""
+    return bisect.bisect_left(ends, t + 1)
 
 
 def check_bf16_model(dtype):
@@ -147,13 +182,13 @@ class Engine:
 
     All blocks share one set of static buffers: u, x: [B, T, D] (the block's input and the
     decoded tokens, block order), the labels y: [B] (-1 = none), the position t (0-dim) and the
-    KV caches. `graphs` (default: on CUDA) captures one CUDA graph per block, at the first
-    `inverse` or by `capture()`; build one Engine and call `inverse` again for more batches of
-    the same size, so that the capture is paid once.
+    KV caches. `graphs` (default: on CUDA) captures one CUDA graph per block and span (span_ends),
+    at the first `inverse` or by `capture()`; build one Engine and call `inverse` again for more
+    batches of the same size, so that the capture is paid once.
     """
 
     def __init__(self, blocks, batch: int, guidance: Guidance | None = None, bf16: bool = False,
-                 graphs: bool | None = None):
+                 graphs: bool | None = None, spans: int = SPANS):
         first = blocks[0]
         device, dtype = first.pos_embed.device, first.pos_embed.dtype
         graphs = device.type == "cuda" if graphs is None else graphs
@@ -169,7 +204,8 @@ class Engine:
         self.y = torch.full((batch,), -1, dtype=torch.long, device=device)
         self.position = torch.zeros((), dtype=torch.long, device=device)
         self.caches = new_caches(first, tokens)
-        self.captured = None                                 # one CUDA graph per block, once captured
+        self.spans = span_ends(tokens, spans)
+        self.captured = None                     # captured[b][j]: the graph of block b and span j
 
     def step(self, block, t):
         """Token t+1 from tokens 0..t of the static buffers. t: an int (eager), or the device
@@ -177,36 +213,41 @@ class Engine:
         a, m = guided_conditioner(block, rows(self.x, t, 1, dim=1), self.y, t, self.caches, self.guidance)
         write_rows(self.x, t + 1, rows(self.u, t + 1, 1, dim=1) * torch.exp(wide(a)) + m, dim=1)  # [B, 1, D]
 
-    def graph_step(self, block):
-        """The body of the CUDA graph: one step at the device position, which it then advances.
-        (On the CPU it runs eagerly, which is how the tests check it.)"""
+    def graph_step(self, block, span: int):
+        """The body of a CUDA graph: one step at the device position, which it then advances,
+        reading the first `span` cache slots. (On the CPU it runs eagerly, which is how the tests
+        check it.)"""
+        for cache in self.caches:
+            cache.span = span
         self.step(block, self.position)
         self.position.add_(1)
 
     @torch.no_grad()
     def capture(self) -> float:
-        """Record one CUDA graph per block (after warm-up steps on a side stream); returns seconds."""
+        """Record the CUDA graphs of every block and span (after warm-up steps on a side stream,
+        at the last position of each span); returns seconds."""
         torch.cuda.synchronize()
         started = time.perf_counter()
-        if self.u.shape[1] < 2:            # one token: nothing to decode
-            self.captured = []
-            return 0.0
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), autocast(self.device, self.bf16):
+        with torch.cuda.stream(side), engine_precision(self.device, self.bf16):
             for block in self.blocks:
                 for _ in range(WARMUP_STEPS):
-                    self.position.zero_()
-                    self.graph_step(block)
+                    for span in self.spans:
+                        self.position.fill_(span - 1)
+                        self.graph_step(block, span)
         torch.cuda.current_stream().wait_stream(side)
         self.captured, pool = [], None
         for block in self.blocks:
-            graph = torch.cuda.CUDAGraph()
-            # the graphs run one after another, so they can share one memory pool
-            with torch.cuda.graph(graph, pool=pool), autocast(self.device, self.bf16, cache_enabled=False):
-                self.graph_step(block)
-            pool = graph.pool()
-            self.captured.append(graph)
+            self.captured.append([])
+            for span in self.spans:
+                graph = torch.cuda.CUDAGraph()
+                # the graphs run one after another and keep nothing between replays (every tensor
+                # they leave behind is a static buffer made outside them), so they share one pool
+                with torch.cuda.graph(graph, pool=pool), engine_precision(self.device, self.bf16, cache_enabled=False):
+                    self.graph_step(block, span)
+                pool = graph.pool()
+                self.captured[-1].append(graph)
         torch.cuda.synchronize()
         return time.perf_counter() - started
 
@@ -236,10 +277,10 @@ class Engine:
         self.load(b, z)
         block, tokens = self.blocks[b], self.u.shape[1]
         steps = tokens - 1 if steps is None else min(steps, tokens - 1)
-        with autocast(self.device, self.bf16):
+        with engine_precision(self.device, self.bf16):
             for t in range(steps):
                 if self.captured:
-                    self.captured[b].replay()
+                    self.captured[b][span_index(self.spans, t)].replay()
                 else:
                     self.step(block, t)
         return block.permute(self.x).clone()

@@ -21,9 +21,9 @@ __all__ = ["sample", "inverse", "block_inverse", "guided_conditioner", "new_cach
 
 
 @torch.no_grad()
-def block_inverse(block, z, y=None, guidance: Guidance | None = None):
+def block_inverse(block, z, y=None, guidance: Guidance | None = None, bf16=False):
     """Noise -> data for one block. z: [B, T, D] (image order) -> x: [B, T, D]."""
-    return Engine([block], len(z), guidance).inverse(z, y)
+    return Engine([block], len(z), guidance, bf16).inverse(z, y)
 
 
 @torch.no_grad()
