@@ -1,5 +1,6 @@
-"""Where sampling time goes: the textbook loop, the sampling engine, GS-Jacobi on the engine, and
-one parallel forward pass (the arithmetic floor), side by side for each configuration.
+"""Where sampling time goes: the textbook loop, the sampling engine, GS-Jacobi on the engine, one
+parallel forward pass (the arithmetic floor) and the memory-traffic floor, side by side for each
+configuration.
 
     python benchmarks/sampling.py --quick                     # a small model on the CPU, seconds
     python benchmarks/sampling.py --bundled                   # the bundled digits model (trained)
@@ -8,16 +9,24 @@ one parallel forward pass (the arithmetic floor), side by side for each configur
 Columns: (a) textbook.inverse (per token, growing caches, two branch passes), (b) the engine
 (static caches, one batch of 2B, CUDA graphs on CUDA), (c) tarflow_ref.torch_backend.jacobi.sample_gsj
 with the published strategy (or one found by auto_strategy for the small models), (d) one forward
-pass model(x, y) over the same batch. Released configurations get random weights
-(torch_backend.model.randomize_) in the released layout and the published guidance.
+pass model(x, y) over the same batch, (e) the memory floor of any exact sequential sampler:
+tarflow_ref.traffic.sequential_traffic (weights once per step, plus the KV cache read and
+written; bytes per value from --dtype, guided iff guidance is on) divided by the copy bandwidth
+measured in the same run (`measure_bandwidth`, printed in the header). Released configurations
+get random weights (torch_backend.model.randomize_) in the released layout and the published
+guidance.
 
 Timings are the best of --repeat runs; on CUDA the clocks are read after a synchronise, every
 timed function runs once untimed first (cuDNN's attention plans, see `measure`), and the engine's
 warm-up and graph capture happen before its timed run and are reported separately.
---max-steps K times only the first K tokens of the first sampled block for (a) and (b) and
-extrapolates to N (T - 1) tokens, marked '~': later tokens attend to more keys (and the
-textbook copies a longer cache), so it is a lower bound, more so for (a). --max-textbook-steps K
-does so for (a) alone; max|a-b| then compares that prefix.
+--max-textbook-steps K (or --max-steps K) times (a) on two windows of K steps of the first
+sampled block, the first K (t = 0..K-1) and the last K (t = T-1-K..T-2, started by
+textbook.block_inverse(first=T-1-K) after one parallel pass fills the caches; that pass is timed
+alone and subtracted), fits the per-step cost c(t) = c0 + c1 t through the two window means (the
+textbook's cost grows with t: it copies its whole cache every step) and sums c(t) over t = 0..T-2
+and the N blocks (`two_window_total`), marked '~'. --max-steps K also times only the first K
+tokens of one block for (b) and scales by N (T - 1) / K, marked '~': a lower bound, since later
+tokens attend to more keys. max|a-b| then compares the first window.
 """
 import argparse
 import json
@@ -35,10 +44,12 @@ from tarflow_ref.torch_backend import textbook
 from tarflow_ref.torch_backend.engine import Engine, autocast
 from tarflow_ref.torch_backend.jacobi import auto_strategy, sample_gsj
 from tarflow_ref.torch_backend.model import randomize_
+from tarflow_ref.traffic import floor_seconds, sequential_traffic
 
 QUICK = TarFlowConfig(image_size=16, patch_size=2, channels=3, width=64, blocks=2, layers=2, num_classes=10,
                       head_dim=16)
 DEFAULT_GUIDANCE = Guidance(1.0)          # for a configuration without a published setting
+BYTES_PER_VALUE = {"bf16": 2, "float32": 4, "float64": 8}
 
 
 def synchronize(device):
@@ -67,6 +78,28 @@ def measure(fn, device, repeat, clock, warm_up=False):
         best = min(best, clock() - started)
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None
     return result, best, peak
+
+
+def measure_bandwidth(device, repeat=5):
+    """Bytes per second of copying one large tensor (2 GiB on CUDA, 256 MiB on the CPU): read plus
+    write, so twice its size, over the best of `repeat` copies after a warm-up copy."""
+    size = 2 ** 31 if device.type == "cuda" else 2 ** 28
+    source = torch.ones(size, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    _, seconds, _ = measure(lambda: target.copy_(source), device, repeat, time.perf_counter, warm_up=True)
+    return 2 * size / seconds
+
+
+def two_window_total(early_s, late_s, steps, tokens, blocks):
+    """Seconds of N blocks of T - 1 steps, N sum_{t=0}^{T-2} c(t), for the per-step cost
+    c(t) = c0 + c1 t through the means of two timed windows of K = `steps` steps: t = 0..K-1
+    (early_s seconds in all) and t = T-1-K..T-2 (late_s). A linear c sums to (T - 1) c((T - 2) / 2)."""
+    if not 1 <= steps < tokens - 1:
+        raise ValueError(f"two windows of {steps} steps need 1 <= steps < T - 1 = {tokens - 1}")
+    t_early, t_late = (steps - 1) / 2, tokens - 2 - (steps - 1) / 2          # the windows' mean positions
+    c_early, c_late = early_s / steps, late_s / steps
+    slope = (c_late - c_early) / (t_late - t_early)
+    return blocks * (tokens - 1) * (c_early + slope * ((tokens - 2) / 2 - t_early))
 
 
 def published(name):
@@ -104,7 +137,7 @@ def gs_jacobi(model, noise, y, guidance, strategy, bf16, timed):
     return seconds, str(strategy)
 
 
-def run_config(name, batch, args, device):
+def run_config(name, batch, args, device, bandwidth):
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     bf16 = args.dtype == "bf16"
 
@@ -128,21 +161,30 @@ def run_config(name, batch, args, device):
             return None, 1.0
         return limit, N * (T - 1) / limit
     engine_steps, engine_scale = prefix(args.max_steps)
-    textbook_steps, textbook_scale = prefix(min(filter(None, [args.max_steps, args.max_textbook_steps]), default=None))
+    textbook_steps, _ = prefix(min(filter(None, [args.max_steps, args.max_textbook_steps]), default=None))
 
     engine = Engine(model.blocks, batch, guidance, bf16)
     engine.set_labels(y)
     capture = engine.capture() if engine.graphs else 0.0
 
-    def textbook_run(steps):
+    def textbook_run(steps, first=0):
+        # a late window takes z's tokens 0..first as decoded ones: the cost does not depend on the values
         if steps is None:
             return textbook.inverse(model, z, y, guidance, bf16)
         with autocast(device, bf16):
-            return textbook.block_inverse(model.blocks[-1], z, y, guidance, steps=steps)
+            return textbook.block_inverse(model.blocks[-1], z, y, guidance, steps=steps, first=first)
 
     def engine_run(steps):
         return engine.inverse(z, y) if steps is None else engine.block_inverse(N - 1, z, steps=steps)
     slow_out, slow_s, slow_peak = timed(lambda: textbook_run(textbook_steps), args.textbook_repeat)
+    windows_s = None
+    if textbook_steps:
+        late = T - 1 - textbook_steps
+        _, prefill_s, _ = timed(lambda: textbook_run(0, late), args.textbook_repeat)
+        _, late_s, late_peak = timed(lambda: textbook_run(textbook_steps, late), args.textbook_repeat)
+        windows_s = [slow_s, late_s - prefill_s]
+        slow_peak = None if slow_peak is None else max(slow_peak, late_peak)
+        slow_s = two_window_total(*windows_s, textbook_steps, T, N)
     fast_out, fast_s, fast_peak = timed(lambda: engine_run(engine_steps))
     if textbook_steps != engine_steps:                      # compare like with like: the textbook's prefix
         fast_out = engine_run(textbook_steps)
@@ -151,11 +193,13 @@ def run_config(name, batch, args, device):
     with torch.no_grad(), autocast(device, bf16):
         _, forward_s, _ = timed(lambda: model(images, y), warm_up=True)
 
+    traffic = sequential_traffic(cfg, batch, guidance.active, BYTES_PER_VALUE[args.dtype])
     gsj_s, gsj_strategy = (None, "not timed with --max-steps") if engine_steps else \
         gs_jacobi(model, noise, y, guidance, strategy, bf16, timed)
-    row.update(textbook_steps=textbook_steps, engine_steps=engine_steps, textbook_s=slow_s * textbook_scale,
-               engine_s=fast_s * engine_scale, capture_s=capture, gs_jacobi_s=gsj_s,
-               gs_jacobi_strategy=gsj_strategy, forward_s=forward_s,
+    row.update(textbook_steps=textbook_steps, engine_steps=engine_steps, textbook_s=slow_s,
+               textbook_windows_s=windows_s, engine_s=fast_s * engine_scale, capture_s=capture, gs_jacobi_s=gsj_s,
+               gs_jacobi_strategy=gsj_strategy, forward_s=forward_s, traffic=traffic, bandwidth=bandwidth,
+               memory_floor_s=floor_seconds(traffic, bandwidth),
                max_abs_diff=float((slow_out.double() - fast_out.double()).abs().max()),
                max_abs_value=float(slow_out.double().abs().max()),
                peak_mib_textbook=slow_peak, peak_mib_engine=fast_peak)
@@ -170,7 +214,7 @@ def fmt(seconds, approx=False):
 
 def table(rows):
     head = ["config", "T", "B", "dtype", "guidance", "(a) textbook s", "(b) engine s", "a/b", "(c) GS-Jacobi s",
-            "b/c", "(d) forward s", "b/d", "max|a-b|", "capture s", "peak MiB a / b"]
+            "b/c", "(d) forward s", "b/d", "(e) memory floor s", "b/e", "max|a-b|", "capture s", "peak MiB a / b"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         gsj = r["gs_jacobi_s"]
@@ -179,11 +223,13 @@ def table(rows):
                  fmt(r["engine_s"], r["engine_steps"]), f"{r['textbook_s'] / r['engine_s']:.1f}x",
                  fmt(gsj) if gsj else f"n/a ({r['gs_jacobi_strategy']})",
                  f"{r['engine_s'] / gsj:.1f}x" if gsj else "n/a", fmt(r["forward_s"]),
-                 f"{r['engine_s'] / r['forward_s']:.0f}x", f"{r['max_abs_diff']:.1e}", f"{r['capture_s']:.2f}", peak]
+                 f"{r['engine_s'] / r['forward_s']:.0f}x", fmt(r["memory_floor_s"]),
+                 f"{r['engine_s'] / r['memory_floor_s']:.0f}x", f"{r['max_abs_diff']:.1e}", f"{r['capture_s']:.2f}", peak]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
-    notes = [f"- {r['config']}: ~ {name} extrapolated from the first {r[key]} tokens of one block (a lower "
-             "bound); max|a-b| over that prefix" for r in rows
-             for name, key in [("(a)", "textbook_steps"), ("(b)", "engine_steps")] if r[key]]
+    notes = [f"- {r['config']}: ~ (a) extrapolated from two windows of {r['textbook_steps']} steps of one block, "
+             "the first and the last, linear fit; max|a-b| over the first" for r in rows if r["textbook_steps"]]
+    notes += [f"- {r['config']}: ~ (b) extrapolated from the first {r['engine_steps']} tokens of one block "
+              "(a lower bound)" for r in rows if r["engine_steps"]]
     notes += [f"- {r['config']}: GS-Jacobi strategy {r['gs_jacobi_strategy']}" for r in rows if r["gs_jacobi_s"]]
     return "\n".join(lines + notes)
 
@@ -200,9 +246,10 @@ def main(argv=None):
                         help="bf16 = float32 model under bfloat16 autocast (default bf16 on CUDA, float32 on the CPU)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--max-steps", type=int, default=None,
-                        help="time only this many tokens of one block for (a) and (b) and extrapolate")
+                        help="time (a) on two windows of this many steps and (b) on the first ones, "
+                             "and extrapolate (see above)")
     parser.add_argument("--max-textbook-steps", type=int, default=None,
-                        help="the same for (a) alone (a full-size textbook run takes minutes on a GPU)")
+                        help="the two windows for (a) alone (a full-size textbook run takes minutes on a GPU)")
     parser.add_argument("--repeat", type=int, default=3, help="best of this many runs for (b), (c), (d)")
     parser.add_argument("--textbook-repeat", type=int, default=1, help="best of this many runs for (a)")
     parser.add_argument("--out-scale", type=float, default=0.1,
@@ -229,18 +276,19 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown configuration(s) {unknown}; known: quick, bundled, {', '.join(RELEASED_FILES)}")
 
+    bandwidth = measure_bandwidth(device)
     rows = []
     for name in names:
         for batch in batches:
-            rows.append(run_config(name, batch, args, device))
+            rows.append(run_config(name, batch, args, device, bandwidth))
             print(f"done {name} B={batch}", file=sys.stderr, flush=True)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"device: {device.type} ({gpu}), torch {torch.__version__}, {args.threads} CPU threads, "
-          f"{args.clock} clock")
+          f"{args.clock} clock, copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     print(table(rows))
     if args.json:
         meta = {"device": device.type, "device_name": gpu, "torch": torch.__version__, "threads": args.threads,
-                "clock": args.clock, "command": " ".join(sys.argv)}
+                "clock": args.clock, "bandwidth": bandwidth, "command": " ".join(sys.argv)}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
 

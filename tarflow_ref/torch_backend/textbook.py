@@ -37,16 +37,26 @@ class GrowingKVCache:
 
 
 @torch.no_grad()
-def block_inverse(block, z, y=None, guidance: Guidance | None = None, steps: int | None = None):
+def block_inverse(block, z, y=None, guidance: Guidance | None = None, steps: int | None = None, *,
+                  first: int = 0):
     """Noise -> data for one block. z: [B, T, D] (image order) -> x: [B, T, D].
 
-    `steps` decodes only tokens 1..steps (the benchmark times such a prefix).
+    `first` starts the loop at step t = first: tokens 0..first of z (in the block's order) must
+    already be decoded ones, and one parallel pass over tokens 0..first-1 per branch fills the
+    caches. `steps` then decodes only tokens first+1..first+steps. (The benchmark times such
+    windows, early and late in the sequence.)
     """
     u = block.permute(z)
     x = u.clone()
     T = u.shape[1]
+    if not 0 <= first <= T - 1:
+        raise ValueError(f"first must be a position 0..{T - 1} of the {T} tokens, got {first}")
     caches = tuple([GrowingKVCache() for _ in block.attn_blocks] for _ in range(2))  # (conditional, unconditional)
-    for t in range(T - 1 if steps is None else min(steps, T - 1)):
+    if first:                  # the keys and values of the decoded prefix; its a, m are not needed
+        def prefix(label, cache, temperature):
+            return block.conditioner(x[:, :first], label, 0, cache, temperature)
+        guided(prefix, y, caches, guidance, torch.arange(first, device=x.device)[:, None], T)
+    for t in range(first, T - 1 if steps is None else min(first + steps, T - 1)):
         def branch(label, cache, temperature):
             return block.conditioner(x[:, t:t + 1], label, t, cache, temperature)
         a, m = guided(branch, y, caches, guidance, t, T)
