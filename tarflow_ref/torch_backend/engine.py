@@ -185,10 +185,15 @@ class Engine:
     KV caches. `graphs` (default: on CUDA) captures one CUDA graph per block and span (span_ends),
     at the first `inverse` or by `capture()`; build one Engine and call `inverse` again for more
     batches of the same size, so that the capture is paid once.
+
+    `compile` runs the graph body through torch.compile (dynamic shapes: one compilation serves
+    every span; the warm-up before the capture compiles it), which fuses the step's small
+    element-wise kernels; the numbers may differ from the eager step by float rounding. An
+    experiment for the GPU (book/sampling_speed.md); off by default.
     """
 
     def __init__(self, blocks, batch: int, guidance: Guidance | None = None, bf16: bool = False,
-                 graphs: bool | None = None, spans: int = SPANS):
+                 graphs: bool | None = None, spans: int = SPANS, compile: bool = False):
         first = blocks[0]
         device, dtype = first.pos_embed.device, first.pos_embed.dtype
         graphs = device.type == "cuda" if graphs is None else graphs
@@ -206,6 +211,7 @@ class Engine:
         self.caches = new_caches(first, tokens)
         self.spans = span_ends(tokens, spans)
         self.captured = None                     # captured[b][j]: the graph of block b and span j
+        self.compiled = torch.compile(self.graph_step, dynamic=True) if compile else None
 
     def step(self, block, t):
         """Token t+1 from tokens 0..t of the static buffers. t: an int (eager), or the device
@@ -222,6 +228,10 @@ class Engine:
         self.step(block, self.position)
         self.position.add_(1)
 
+    def body(self, block, span: int):
+        """The graph body, compiled or not."""
+        (self.compiled or self.graph_step)(block, span)
+
     @torch.no_grad()
     def capture(self) -> float:
         """Record the CUDA graphs of every block and span (after warm-up steps on a side stream,
@@ -235,7 +245,7 @@ class Engine:
                 for _ in range(WARMUP_STEPS):
                     for span in self.spans:
                         self.position.fill_(span - 1)
-                        self.graph_step(block, span)
+                        self.body(block, span)
         torch.cuda.current_stream().wait_stream(side)
         self.captured, pool = [], None
         for block in self.blocks:
@@ -245,7 +255,7 @@ class Engine:
                 # the graphs run one after another and keep nothing between replays (every tensor
                 # they leave behind is a static buffer made outside them), so they share one pool
                 with torch.cuda.graph(graph, pool=pool), engine_precision(self.device, self.bf16, cache_enabled=False):
-                    self.graph_step(block, span)
+                    self.body(block, span)
                 pool = graph.pool()
                 self.captured[-1].append(graph)
         torch.cuda.synchronize()
@@ -281,6 +291,8 @@ class Engine:
             for t in range(steps):
                 if self.captured:
                     self.captured[b][span_index(self.spans, t)].replay()
+                elif self.compiled:
+                    self.compiled(block, self.spans[span_index(self.spans, t)])
                 else:
                     self.step(block, t)
         return block.permute(self.x).clone()
