@@ -93,13 +93,12 @@ def measure_bandwidth(device, repeat=5):
 def two_window_total(early_s, late_s, steps, tokens, blocks):
     """Seconds of N blocks of T - 1 steps, N sum_{t=0}^{T-2} c(t), for the per-step cost
     c(t) = c0 + c1 t through the means of two timed windows of K = `steps` steps: t = 0..K-1
-    (early_s seconds in all) and t = T-1-K..T-2 (late_s). A linear c sums to (T - 1) c((T - 2) / 2)."""
+    (early_s seconds in all, mean cost early_s / K at t = (K - 1) / 2) and t = T-1-K..T-2
+    (late_s, at t = T - 2 - (K - 1) / 2). A linear c sums to (T - 1) c((T - 2) / 2), and
+    (T - 2) / 2 lies midway between the two windows, where the line is the mean of their costs."""
     if not 1 <= steps < tokens - 1:
         raise ValueError(f"two windows of {steps} steps need 1 <= steps < T - 1 = {tokens - 1}")
-    t_early, t_late = (steps - 1) / 2, tokens - 2 - (steps - 1) / 2          # the windows' mean positions
-    c_early, c_late = early_s / steps, late_s / steps
-    slope = (c_late - c_early) / (t_late - t_early)
-    return blocks * (tokens - 1) * (c_early + slope * ((tokens - 2) / 2 - t_early))
+    return blocks * (tokens - 1) * (early_s + late_s) / (2 * steps)
 
 
 def published(name):

@@ -91,3 +91,20 @@ def test_two_window_extrapolation_is_exact_for_a_linear_cost(tokens, steps):
     assert early * blocks * (tokens - 1) / steps < want
     with pytest.raises(ValueError, match="two windows"):
         two_window_total(early, late, tokens - 1, tokens, blocks)
+
+
+def test_benchmark_rows_carry_the_windows_and_the_memory_floor(tmp_path):
+    """One small run: (a) from two windows, (e) = the traffic of the run's setting / its bandwidth."""
+    import json
+    from tarflow_ref.traffic import sequential_traffic
+    bench = benchmark()
+    out = tmp_path / "rows.json"
+    bench.main(["--configs", "quick", "--batch", "2", "--max-steps", "3", "--repeat", "1", "--device", "cpu",
+                "--dtype", "float64", "--json", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    traffic = sequential_traffic(bench.QUICK, 2, guided=True, bytes_per_value=8)
+    assert row["traffic"] == traffic and row["bandwidth"] > 0
+    assert row["memory_floor_s"] == pytest.approx(traffic["total"] / row["bandwidth"], rel=1e-12)
+    early, late = row["textbook_windows_s"]
+    want = bench.two_window_total(early, late, 3, bench.QUICK.tokens, bench.QUICK.blocks)
+    assert row["textbook_s"] == pytest.approx(want, rel=1e-12)
