@@ -28,7 +28,10 @@ def wide(t):
 
 def positions(start, n, device):
     """[n] long: start..start+n-1. `start` is an int, or a 0-dim device tensor: the position of
-    the sampling engine's CUDA graph, which must stay on the device (no host sync)."""
+    the sampling engine's CUDA graph, which must stay on the device (no host sync). One position
+    of a tensor start is a view of it: no kernels (arange and add) in the graph's step."""
+    if torch.is_tensor(start) and n == 1:
+        return start.reshape(1)
     return start + torch.arange(n, device=device)
 
 
@@ -49,8 +52,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, h, mask, start=0, cache=None, temperature=1.0):
-        """h: [B, n, C] at positions start..start+n-1; mask: [T, T] causal (1 = may attend).
+    def forward(self, h, allowed, start=0, cache=None, temperature=1.0):
+        """h: [B, n, C] at positions start..start+n-1; allowed: [n, T] bool, the causal mask's
+        rows of these positions (True = may attend), or None: attend to every key given.
         temperature: a float, or a per-sample tensor [B, 1, 1, 1]."""
         n = h.shape[1]
         qkv = self.qkv(self.norm(h))
@@ -63,11 +67,9 @@ class Attention(nn.Module):
             k, v = cache.write(k, v, start)
         elif start != 0:
             raise ValueError("attention at a later position needs the cache of the earlier tokens")
-        # one query attending to every key it is given needs no mask, and SDPA is faster without
-        # one; at a device position the static cache hands over all T slots, so mask the future
-        allowed = None if n == 1 and not torch.is_tensor(start) else rows(mask, start, n)[:, :k.shape[2]].bool()
         scale = 1.0 / (q.shape[-1] ** 0.5 * temperature)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if allowed is None else allowed[:, :k.shape[2]],
+                                             scale=scale)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -89,8 +91,8 @@ class AttentionBlock(nn.Module):
         self.attention = Attention(width, heads)
         self.mlp = MLP(width)
 
-    def forward(self, h, mask, start=0, cache=None, temperature=1.0):
-        h = h + self.attention(h, mask, start, cache, temperature)
+    def forward(self, h, allowed, start=0, cache=None, temperature=1.0):
+        h = h + self.attention(h, allowed, start, cache, temperature)
         return h + self.mlp(h)
 
 
@@ -132,8 +134,12 @@ class MetaBlock(nn.Module):
         n = u.shape[1]
         pos = rows(self.permute(self.pos_embed, dim=0), start, n)
         h = self.proj_in(u) + pos + self.class_embedding(y, u.shape[0])
+        # one query attending to every key it is given needs no mask, and SDPA is faster without
+        # one; at a device position (CUDA graph) the static cache hands over a span of slots, so
+        # mask the future. The rows are made once for all layers: [n, T] bool.
+        allowed = None if n == 1 and not torch.is_tensor(start) else rows(self.attn_mask, start, n).bool()
         for l, layer in enumerate(self.attn_blocks):
-            h = layer(h, self.attn_mask, start, None if caches is None else caches[l], temperature)
+            h = layer(h, allowed, start, None if caches is None else caches[l], temperature)
         o = self.proj_out(h)
         return o[..., :self.token_dim], o[..., self.token_dim:]
 
