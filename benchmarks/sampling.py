@@ -136,13 +136,14 @@ def gs_jacobi(model, noise, y, guidance, strategy, bf16, timed):
     return seconds, str(strategy)
 
 
-def run_config(name, batch, args, device, bandwidth):
-    dtype = torch.float64 if args.dtype == "float64" else torch.float32
+def run_config(name, built, batch, args, device, bandwidth):
+    """One row of the table: configuration `name`, its (model, guidance, strategy) from `build`."""
     bf16 = args.dtype == "bf16"
 
     def timed(fn, repeat=args.repeat, warm_up=False):
         return measure(fn, device, repeat, CLOCKS[args.clock], warm_up)
-    model, guidance, strategy = build(name, device, dtype, args.out_scale)
+    model, guidance, strategy = built
+    dtype = model.var.dtype
     if args.guidance is not None:
         guidance = Guidance(args.guidance, guidance.what, guidance.annealed, guidance.temperature)
     cfg = model.config
@@ -152,7 +153,7 @@ def run_config(name, batch, args, device, bandwidth):
     y = (torch.arange(batch) % cfg.num_classes).to(device) if cfg.conditional else None
     z = noise * model.var.sqrt()
     row = {"config": name, "tokens": T, "blocks": N, "width": cfg.width, "batch": batch, "dtype": args.dtype,
-           "device": device.type, "guidance": f"{guidance.weight} {guidance.what} tau_u={guidance.temperature}"}
+           "device": device.type, "compiled": args.compile, "guidance": f"{guidance.weight} {guidance.what} tau_u={guidance.temperature}"}
 
     def prefix(limit):
         """(steps, extrapolation factor): a prefix of one block, or every step when limit is None."""
@@ -162,7 +163,7 @@ def run_config(name, batch, args, device, bandwidth):
     engine_steps, engine_scale = prefix(args.max_steps)
     textbook_steps, _ = prefix(min(filter(None, [args.max_steps, args.max_textbook_steps]), default=None))
 
-    engine = Engine(model.blocks, batch, guidance, bf16)
+    engine = Engine(model.blocks, batch, guidance, bf16, compile=args.compile)
     engine.set_labels(y)
     capture = engine.capture() if engine.graphs else 0.0
 
@@ -259,7 +260,9 @@ def main(argv=None):
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: the process's CPU time (steadier on a shared machine; CPU runs with 1 thread only)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None, help="also write the rows as JSON to this path")
+    parser.add_argument("--compile", action="store_true", help="(b) with Engine(compile=True): torch.compile of the step")
+    parser.add_argument("--json", default=None,
+                        help="also write the rows as JSON to this path (rewritten after every row)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -276,21 +279,26 @@ def main(argv=None):
         parser.error(f"unknown configuration(s) {unknown}; known: quick, bundled, {', '.join(RELEASED_FILES)}")
 
     bandwidth = measure_bandwidth(device)
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
+    meta = {"device": device.type, "device_name": gpu, "torch": torch.__version__, "threads": args.threads,
+            "clock": args.clock, "bandwidth": bandwidth, "command": " ".join(sys.argv)}
+    dtype = torch.float64 if args.dtype == "float64" else torch.float32
     rows = []
     for name in names:
+        built = build(name, device, dtype, args.out_scale)          # once per configuration, for every batch
         for batch in batches:
-            rows.append(run_config(name, batch, args, device, bandwidth))
-            print(f"done {name} B={batch}", file=sys.stderr, flush=True)
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
+            rows.append(run_config(name, built, batch, args, device, bandwidth))
+            # the row as soon as it is measured, so that a run cut short by a time limit still tells
+            print(table(rows[-1:]).splitlines()[2], file=sys.stderr, flush=True)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        del built
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     print(f"device: {device.type} ({gpu}), torch {torch.__version__}, {args.threads} CPU threads, "
-          f"{args.clock} clock, copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+          f"{args.clock} clock, copy bandwidth {bandwidth / 1e9:.0f} GB/s{', compiled engine' if args.compile else ''}")
     print(table(rows))
-    if args.json:
-        meta = {"device": device.type, "device_name": gpu, "torch": torch.__version__, "threads": args.threads,
-                "clock": args.clock, "bandwidth": bandwidth, "command": " ".join(sys.argv)}
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
-
 
 if __name__ == "__main__":
     main()

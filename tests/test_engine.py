@@ -299,6 +299,19 @@ def test_cuda_graph_replay_equals_eager(guide):
     assert relative_error(bf16, slow_bf16) < 0.05
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="CUDA graphs need a CUDA device; the compiled body is checked on the CPU by "
+                           "test_compiled_engine_equals_the_eager_engine")
+def test_cuda_compiled_graphs_equal_eager():
+    """torch.compile's kernels captured in the CUDA graphs (the warm-up compiles before capture)."""
+    cfg, model, _, noise, y = setup("cond-even-P2", dtype=torch.float32)
+    model, noise, y, g = model.cuda(), noise.cuda(), y.cuda(), GUIDANCE["a-annealed-tau"]
+    with torch.no_grad():
+        compiled = Engine(model.blocks, len(noise), g, compile=True).inverse(noise, y)
+        eager = Engine(model.blocks, len(noise), g, graphs=False).inverse(noise, y)
+    assert relative_error(compiled, eager) < 1e-5
+
+
 def test_benchmark_runs_and_reports_agreeing_samplers(tmp_path):
     """benchmarks/sampling.py on the small 'quick' model, prefix mode (a few seconds)."""
     import importlib.util
