@@ -91,7 +91,7 @@ def test_attention_is_causal(layer):
 def test_numpy_attention_and_layer_match_torch(layer, temperature):
     p, block = layer
     h = hidden()
-    mask = torch.tril(torch.ones(16, 16, dtype=torch.float64))
+    mask = torch.tril(torch.ones(16, 16, dtype=torch.bool))
     th = torch.from_numpy(h)
     att = sub_params(p, "attention.")
     ln = layer_norm(h, att["norm.weight"], att["norm.bias"])
@@ -119,13 +119,13 @@ def test_numpy_kv_cache_decoding_equals_the_full_pass(layer, chunks):
 def test_torch_kv_cache_decoding_equals_the_masked_full_pass(layer, chunks):
     _, block = layer
     h = torch.from_numpy(hidden())
-    mask = torch.tril(torch.ones(16, 16, dtype=torch.float64))
+    mask = torch.tril(torch.ones(16, 16, dtype=torch.bool))
     cache = TorchKVCache(16)
     with torch.no_grad():
         full = block(h, mask)
         parts, start = [], 0
         for n in chunks:
-            parts.append(block(h[:, start:start + n], mask, start, cache))
+            parts.append(block(h[:, start:start + n], mask[start:start + n], start, cache))    # the chunk's rows
             start += n
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-12, atol=1e-12)
 
@@ -136,4 +136,6 @@ def test_a_later_position_without_a_cache_is_refused(layer):
     with pytest.raises(ValueError, match="needs the cache of the earlier tokens"):
         causal_attention(sub_params(p, "attention."), h, CFG.heads, start=3)
     with pytest.raises(ValueError, match="needs the cache of the earlier tokens"):
-        block.attention(torch.from_numpy(h), torch.ones(16, 16), start=3)
+        block.attention(torch.from_numpy(h), torch.ones(16, 16, dtype=torch.bool), start=3)
+    with pytest.raises(ValueError, match="allowed must be the causal mask's rows as booleans, got torch.float64"):
+        block.attention(torch.from_numpy(h), torch.ones(16, 16, dtype=torch.float64))

@@ -82,7 +82,7 @@ def test_causal_attention_backward(piece, temperature):
     cfg, model, params, h, rng = piece
     attention = copy.deepcopy(model.blocks[1].attn_blocks[1].attention)
     attention.norm = nn.Identity()                        # the NumPy piece takes layer-normed input
-    mask = model.blocks[1].attn_mask
+    mask = model.blocks[1].attn_mask.bool()
     g = rng.normal(size=h.shape)
     (ref,) = torch_vjp(lambda t: attention(t, mask, temperature=temperature), [h], [g])
     p = sub_params(params, "blocks.1.attn_blocks.1.attention.")
@@ -108,7 +108,7 @@ def test_mlp_backward(piece):
 @pytest.mark.parametrize("temperature", [1.0, 0.4])
 def test_transformer_layer_backward(piece, temperature):
     cfg, model, params, h, rng = piece
-    layer, mask = model.blocks[1].attn_blocks[0], model.blocks[1].attn_mask
+    layer, mask = model.blocks[1].attn_blocks[0], model.blocks[1].attn_mask.bool()
     g = rng.normal(size=h.shape)
     (ref,) = torch_vjp(lambda t: layer(t, mask, temperature=temperature), [h], [g])
     p = sub_params(params, "blocks.1.attn_blocks.0.")

@@ -56,7 +56,9 @@ class Attention(nn.Module):
         """h: [B, n, C] at positions start..start+n-1; allowed: [n, T] bool, the causal mask's
         rows of these positions (True = may attend), or None: attend to every key given.
         temperature: a float, or a per-sample tensor [B, 1, 1, 1]."""
-        n = h.shape[1]
+        if allowed is not None and allowed.dtype != torch.bool:
+            raise ValueError(f"allowed must be the causal mask's rows as booleans, got {allowed.dtype} "
+                             "(SDPA would add a float mask to the scores)")
         qkv = self.qkv(self.norm(h))
         q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads)
         if torch.is_tensor(temperature):
