@@ -6,6 +6,7 @@ Public surface (shared by the notebooks, the CLI and outside users):
     load_checkpoint(path)            a released or trained checkpoint -> torch TarFlow, strictly
     TarFlow(cfg)                     the torch model: model(x, y) -> z, logdet; model.loss(x, y)
     sample(model, noise, y, ...)     sequential sampling with a KV cache and guidance (torch)
+    Sampler(model, guidance, bf16)   the same for many batches: one engine (CUDA graphs) per batch size
     Guidance(weight, what, ...)      classifier-free guidance settings
     denoise(model, x, y, factor)     one Tweedie step that removes the training noise (torch)
     sample_gsj(model, noise, y, strategy, guidance)   GS-Jacobi sampling; parse_strategy, PRESETS,
@@ -17,10 +18,10 @@ from .checkpoint import CheckpointError, download_release, from_numpy, load_chec
 from .config import TarFlowConfig
 from .guidance import Guidance
 from .strategy import PRESETS, parse_strategy
-from .torch_backend import TarFlow, sample
+from .torch_backend import Sampler, TarFlow, sample
 from .torch_backend.denoise import denoise
 from .torch_backend.jacobi import auto_strategy, sample_gsj
 
-__all__ = ["TarFlowConfig", "load_checkpoint", "TarFlow", "sample", "Guidance", "denoise", "sample_gsj",
+__all__ = ["TarFlowConfig", "load_checkpoint", "TarFlow", "sample", "Sampler", "Guidance", "denoise", "sample_gsj",
            "auto_strategy", "parse_strategy", "PRESETS", "to_numpy", "from_numpy", "download_release",
            "CheckpointError"]

@@ -326,9 +326,16 @@ def format_classes(args, cfg):
 def make_sampler(args, cfg, fail):
     """sampler(model, noise, y, guidance) -> image, with a progress bar over the blocks."""
     if args.sampler == "seq":
-        from .torch_backend.sampling import sample
+        from .torch_backend.sampling import Sampler
+        held = {}
 
-        return lambda model, noise, y, guidance: sample(model, noise, y, guidance, args.bf16, progress("blocks"))
+        def draw(model, noise, y, guidance):
+            # one Sampler for the run (one model, one guidance): its engines, and on CUDA their
+            # captured graphs, serve every batch
+            if "sampler" not in held:
+                held["sampler"] = Sampler(model, guidance, args.bf16)
+            return held["sampler"](noise, y, progress("blocks"))
+        return draw
     try:
         from .strategy import parse_strategy
         from .torch_backend.jacobi import sample_gsj

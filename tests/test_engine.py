@@ -196,6 +196,21 @@ def test_span_schedule_covers_each_step_tightly(tokens, spans):
         span_ends(tokens, 0)
 
 
+def test_sampler_reuses_one_engine_per_batch_size():
+    """sampling.Sampler: the same samples as sample(), one Engine (and on CUDA one capture) per
+    batch size however many batches are drawn."""
+    cfg, model, _, noise, y = setup("cond-even-P2", batch=4)
+    g = GUIDANCE["a-annealed-tau"]
+    draw = sampling.Sampler(model, g)
+    first, second, small = draw(noise[:2], y[:2]), draw(noise[2:], y[2:]), draw(noise[:1], y[:1])
+    engines = dict(draw.engines)
+    again = draw(noise[:2], y[:2])
+    assert sorted(engines) == [1, 2] and draw.engines == engines           # nothing new was built
+    assert torch.equal(again, first)
+    assert relative_error(torch.cat([first, second]), sampling.sample(model, noise, y, g)) < 1e-13
+    assert relative_error(small, sampling.sample(model, noise[:1], y[:1], g)) < 1e-13
+
+
 def test_caches_are_static_and_the_textbook_caches_grow():
     cfg, model, _, noise, y = setup("cond-even-P2")
     engine = Engine(model.blocks, len(noise), GUIDANCE["ab"])

@@ -17,7 +17,7 @@ from ..model import check_tokens
 from ..patchify import unpatchify
 from .engine import Engine, KVCache, autocast, guided_conditioner, new_caches
 
-__all__ = ["sample", "inverse", "block_inverse", "guided_conditioner", "new_caches", "KVCache", "autocast"]
+__all__ = ["sample", "Sampler", "inverse", "block_inverse", "guided_conditioner", "new_caches", "KVCache", "autocast"]
 
 
 @torch.no_grad()
@@ -27,11 +27,13 @@ def block_inverse(block, z, y=None, guidance: Guidance | None = None, bf16=False
 
 
 @torch.no_grad()
-def inverse(model, z, y=None, guidance: Guidance | None = None, bf16=False, progress=None):
-    """Tokens z: [B, T, D] -> data tokens, blocks N-1..0. `progress` wraps the block loop (tqdm)."""
+def inverse(model, z, y=None, guidance: Guidance | None = None, bf16=False, progress=None, engine=None):
+    """Tokens z: [B, T, D] -> data tokens, blocks N-1..0. `progress` wraps the block loop (tqdm).
+    engine: an Engine of this model, batch size and setting to reuse (default: a new one)."""
     check_tokens(z, model.config)
     check_labels(y, model.config.num_classes, len(z))
-    return Engine(model.blocks, len(z), guidance, bf16).inverse(z, y, progress)
+    engine = engine or Engine(model.blocks, len(z), guidance, bf16)
+    return engine.inverse(z, y, progress)
 
 
 @torch.no_grad()
@@ -44,3 +46,29 @@ def sample(model, noise, y=None, guidance: Guidance | None = None, bf16=False, p
     check_tokens(noise, model.config)
     tokens = sampler(model, noise * model.var.sqrt(), y, guidance, bf16, progress)
     return unpatchify(tokens, model.config.patch_size, model.config.channels)
+
+
+class Sampler:
+    """`sample` for many batches of one model and setting, with one Engine per batch size: on
+    CUDA its graphs are captured at the first batch of that size, not at every batch.
+
+        draw = Sampler(model, Guidance(2.0), bf16=True)
+        images = [draw(noise, y) for noise, y in batches]
+
+    The engines read the model's weights as they are when built (bfloat16 copies with bf16):
+    make a new Sampler after changing them.
+    """
+
+    def __init__(self, model, guidance: Guidance | None = None, bf16=False):
+        self.model, self.guidance, self.bf16 = model, guidance, bf16
+        self.engines = {}                                  # batch size -> Engine
+
+    def __call__(self, noise, y=None, progress=None):
+        """Noise [B, T, D] ~ N(0, I) -> image [B, c, S, S], as sample(model, noise, y, guidance, bf16)."""
+        return sample(self.model, noise, y, self.guidance, self.bf16, progress, sampler=self.inverse)
+
+    def inverse(self, model, z, y, guidance, bf16, progress):
+        batch = len(z)
+        if batch not in self.engines:
+            self.engines[batch] = Engine(model.blocks, batch, guidance, bf16)
+        return inverse(model, z, y, guidance, bf16, progress, self.engines[batch])
