@@ -102,6 +102,22 @@ def test_numpy_attention_and_layer_match_torch(layer, temperature):
                                    block(th, mask, temperature=temperature).numpy(), rtol=1e-11, atol=1e-12)
 
 
+def test_attention_bias_is_the_additive_causal_mask(layer):
+    """attention_bias: 0 where allowed, -inf elsewhere, in the queries' dtype; the layer gives the
+    same output with it as with the boolean rows."""
+    from tarflow_ref.torch_backend.model import attention_bias
+    _, block = layer
+    th = torch.from_numpy(hidden())
+    allowed = torch.tril(torch.ones(16, 16, dtype=torch.bool))
+    bias = attention_bias(allowed, th)
+    assert bias.dtype == torch.float64 and torch.equal(bias == 0, allowed) and torch.isinf(bias[~allowed]).all()
+    with torch.no_grad():
+        assert torch.equal(block(th, bias), block(th, allowed))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attention_bias(allowed, th.float()).dtype == torch.bfloat16     # what autocast's queries have
+        assert attention_bias(allowed, th).dtype == torch.float64               # autocast leaves float64 alone
+
+
 @pytest.mark.parametrize("chunks", [[1] * 16, CHUNKS], ids=["token-by-token", "chunks"])
 def test_numpy_kv_cache_decoding_equals_the_full_pass(layer, chunks):
     p, _ = layer
@@ -137,5 +153,3 @@ def test_a_later_position_without_a_cache_is_refused(layer):
         causal_attention(sub_params(p, "attention."), h, CFG.heads, start=3)
     with pytest.raises(ValueError, match="needs the cache of the earlier tokens"):
         block.attention(torch.from_numpy(h), torch.ones(16, 16, dtype=torch.bool), start=3)
-    with pytest.raises(ValueError, match="allowed must be the causal mask's rows as booleans, got torch.float64"):
-        block.attention(torch.from_numpy(h), torch.ones(16, 16, dtype=torch.float64))

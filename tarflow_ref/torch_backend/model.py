@@ -35,6 +35,16 @@ def positions(start, n, device):
     return start + torch.arange(n, device=device)
 
 
+def attention_bias(allowed, h):
+    """The causal mask's rows allowed: [n, T] bool as SDPA's additive form: 0 where a query may
+    attend, -inf elsewhere, in the dtype the queries computed from h will have (autocast's for
+    float32 activations under autocast; autocast leaves float64 alone). SDPA would make this from
+    a boolean mask at every layer (a few small kernels each); the conditioner makes it once."""
+    autocast = torch.is_autocast_enabled(h.device.type) and h.dtype == torch.float32
+    dtype = torch.get_autocast_dtype(h.device.type) if autocast else h.dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
+
+
 def rows(t, start, n, dim=0):
     """Entries start..start+n-1 of t along `dim`: a view for an int start, a copy for a tensor one."""
     if torch.is_tensor(start):
@@ -53,12 +63,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(self, h, allowed, start=0, cache=None, temperature=1.0):
-        """h: [B, n, C] at positions start..start+n-1; allowed: [n, T] bool, the causal mask's
-        rows of these positions (True = may attend), or None: attend to every key given.
+        """h: [B, n, C] at positions start..start+n-1; allowed: the causal mask's rows of these
+        positions, [n, T], as booleans (True = may attend) or in additive form (attention_bias:
+        0 / -inf; NOT the 1 / 0 of the attn_mask buffer), or None: attend to every key given.
         temperature: a float, or a per-sample tensor [B, 1, 1, 1]."""
-        if allowed is not None and allowed.dtype != torch.bool:
-            raise ValueError(f"allowed must be the causal mask's rows as booleans, got {allowed.dtype} "
-                             "(SDPA would add a float mask to the scores)")
         qkv = self.qkv(self.norm(h))
         q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads)
         if torch.is_tensor(temperature):
@@ -138,8 +146,9 @@ class MetaBlock(nn.Module):
         h = self.proj_in(u) + pos + self.class_embedding(y, u.shape[0])
         # one query attending to every key it is given needs no mask, and SDPA is faster without
         # one; at a device position (CUDA graph) the static cache hands over a span of slots, so
-        # mask the future. The rows are made once for all layers: [n, T] bool.
-        allowed = None if n == 1 and not torch.is_tensor(start) else rows(self.attn_mask, start, n).bool()
+        # mask the future. The rows are made once for all layers: [n, T].
+        allowed = None if n == 1 and not torch.is_tensor(start) else \
+            attention_bias(rows(self.attn_mask, start, n) > 0, h)
         for l, layer in enumerate(self.attn_blocks):
             h = layer(h, allowed, start, None if caches is None else caches[l], temperature)
         o = self.proj_out(h)
