@@ -39,7 +39,7 @@ Seen on an H200 (torch 2.11): in float32 the replayed graphs equal the eager eng
 In bfloat16 with guidance (a batch of 2B) SDPA picked cuDNN's attention for the masked static
 cache, whose replays were not bit-reproducible (within bfloat16 rounding of float64) and whose
 eager steps were slower (3.9 vs 2.8 ms); so the engine asks SDPA for the other kernels
-(`attention_kernels`), whose replays were bit-reproducible.
+(`engine_precision`), whose replays were bit-reproducible.
 """
 import bisect
 import contextlib
