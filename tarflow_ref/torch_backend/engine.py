@@ -54,7 +54,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..guidance import Guidance, guide
 from .model import positions, rows, wide
 
-WARMUP_STEPS = 2      # eager steps before a capture: they initialise cuBLAS and allocate the caches
 SPANS = 16            # CUDA graphs per block, each reading a longer prefix of the caches
 
 
@@ -234,18 +233,18 @@ class Engine:
 
     @torch.no_grad()
     def capture(self) -> float:
-        """Record the CUDA graphs of every block and span (after warm-up steps on a side stream,
-        at the last position of each span); returns seconds."""
+        """Record the CUDA graphs of every block and span, after one eager warm-up step of each on
+        a side stream (at the span's last position: it initialises cuBLAS, allocates the caches
+        and, with `compile`, compiles the step); returns seconds."""
         torch.cuda.synchronize()
         started = time.perf_counter()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), engine_precision(self.device, self.bf16):
             for block in self.blocks:
-                for _ in range(WARMUP_STEPS):
-                    for span in self.spans:
-                        self.position.fill_(span - 1)
-                        self.body(block, span)
+                for span in self.spans:
+                    self.position.fill_(span - 1)
+                    self.body(block, span)
         torch.cuda.current_stream().wait_stream(side)
         self.captured, pool = [], None
         for block in self.blocks:
