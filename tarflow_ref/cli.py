@@ -224,7 +224,7 @@ def denoiser(args, cfg, fail):
     return denoise
 
 
-def draw_images(model, args, labels, guidance, sampler, denoise=None):
+def draw_images(model, args, labels, sampler, denoise=None):
     """Images [n, c, S, S] in model range, in batches; a batch holding NaN is drawn again."""
     import torch
 
@@ -236,7 +236,7 @@ def draw_images(model, args, labels, guidance, sampler, denoise=None):
         y = None if labels is None else labels[start:start + n].to(args.device)
         for _ in range(MAX_REDRAWS):
             noise = torch.randn(n, cfg.tokens, cfg.token_dim, generator=gen).to(args.device)
-            x = sampler(model, noise, y, guidance)
+            x = sampler(noise, y)
             if not torch.isnan(x).any():
                 break
         else:
@@ -306,8 +306,8 @@ def run_sample(args, fail):
     cfg = model.config
     labels = labels_for(args, cfg, fail)
     denoise = denoiser(args, cfg, fail)
-    sampler = make_sampler(args, cfg, fail)
-    images = to_unit_range(draw_images(model, args, labels, guidance, sampler, denoise)).numpy()
+    sampler = make_sampler(args, model, guidance, fail)
+    images = to_unit_range(draw_images(model, args, labels, sampler, denoise)).numpy()
     cycle = len(args.classes or range(cfg.num_classes))           # 0 for an unconditional model
     cols = args.cols or (cycle if 0 < cycle <= 16 else math.ceil(math.sqrt(args.n)))
     save_grid(images, args.out, min(cols, args.n), default_scale(args, cfg))
@@ -323,19 +323,14 @@ def format_classes(args, cfg):
     return " ".join(map(str, args.classes)) if args.classes else f"0..{cfg.num_classes - 1}"
 
 
-def make_sampler(args, cfg, fail):
-    """sampler(model, noise, y, guidance) -> image, with a progress bar over the blocks."""
+def make_sampler(args, model, guidance, fail):
+    """sampler(noise, y) -> image of `model` with `guidance`, with a progress bar over the blocks."""
+    cfg = model.config
     if args.sampler == "seq":
         from .torch_backend.sampling import Sampler
-        held = {}
 
-        def draw(model, noise, y, guidance):
-            # one Sampler for the run (one model, one guidance): its engines, and on CUDA their
-            # captured graphs, serve every batch
-            if "sampler" not in held:
-                held["sampler"] = Sampler(model, guidance, args.bf16)
-            return held["sampler"](noise, y, progress("blocks"))
-        return draw
+        draw = Sampler(model, guidance, args.bf16)     # its engines (CUDA graphs) serve every batch
+        return lambda noise, y: draw(noise, y, progress("blocks"))
     try:
         from .strategy import parse_strategy
         from .torch_backend.jacobi import sample_gsj
@@ -347,8 +342,8 @@ def make_sampler(args, cfg, fail):
             strategy = parse_strategy(strategy, cfg)
         except ValueError as err:
             fail(f"--strategy: {err}")
-    return lambda model, noise, y, guidance: sample_gsj(model, noise, y, strategy=strategy, guidance=guidance,
-                                                        bf16=args.bf16, progress=progress("blocks"))
+    return lambda noise, y: sample_gsj(model, noise, y, strategy=strategy, guidance=guidance, bf16=args.bf16,
+                                       progress=progress("blocks"))
 
 
 # ---- trace ----------------------------------------------------------------------------------------
