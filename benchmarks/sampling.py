@@ -16,8 +16,10 @@ measured in the same run (`measure_bandwidth`, printed in the header). Released 
 get random weights (torch_backend.model.randomize_) in the released layout and the published
 guidance.
 
-Timings are the best of --repeat runs; on CUDA the clocks are read after a synchronise, every
-timed function runs once untimed first (cuDNN's attention plans, see `measure`), and the engine's
+Timings are the best of --repeat runs, (a) and (b) interleaved (a, b, a, b, ...) so that a change
+in the machine's load between them does not read as a speed-up; on CUDA the clocks are read after
+a synchronise; every timed function runs once untimed first (first-call costs; on CUDA
+cuDNN's attention plans, see `measure_side_by_side`), and the engine's
 warm-up and graph capture happen before its timed run and are reported separately.
 --max-textbook-steps K (or --max-steps K) times (a) on two windows of K steps of the first
 sampled block, the first K (t = 0..K-1) and the last K (t = T-1-K..T-2, started by
@@ -60,24 +62,37 @@ def synchronize(device):
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
+def measure_side_by_side(fns, repeats, device, clock, warm_up=False):
+    """[(result, best seconds, peak GPU MiB or None)] of each fn() over its number of runs in
+    `repeats`, the runs interleaved (a, b, a, b, ...) so that a change in the machine's load hits
+    every fn alike. Each fn runs once untimed first if warm_up is set, and always on CUDA: there
+    cuDNN's attention builds a plan for each new shape the first time it meets one (the textbook
+    loop meets a new key length at every token, about 70 ms each on an H200), a one-off cost that
+    later batches do not pay."""
+    cuda = device.type == "cuda"
+    if warm_up or cuda:
+        for fn in fns:
+            fn()
+    best, peak, results = [math.inf] * len(fns), [0.0] * len(fns), [None] * len(fns)
+    for run in range(max(repeats)):
+        for i, fn in enumerate(fns):
+            if run >= repeats[i]:
+                continue
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            synchronize(device)
+            started = clock()
+            results[i] = fn()
+            synchronize(device)
+            best[i] = min(best[i], clock() - started)
+            if cuda:
+                peak[i] = max(peak[i], torch.cuda.max_memory_allocated() / 2 ** 20)
+    return [(results[i], best[i], peak[i] if cuda else None) for i in range(len(fns))]
+
+
 def measure(fn, device, repeat, clock, warm_up=False):
-    """(result, best seconds, peak GPU MiB or None) of fn() over `repeat` runs, after one untimed
-    run if warm_up is set, and always on CUDA: there cuDNN's attention builds a plan for each new
-    shape the first time it meets one (the textbook loop meets a new key length at every token,
-    about 70 ms each on an H200), a one-off cost that later batches do not pay."""
-    if warm_up or device.type == "cuda":
-        fn()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    best, result = math.inf, None
-    for _ in range(repeat):
-        synchronize(device)
-        started = clock()
-        result = fn()
-        synchronize(device)
-        best = min(best, clock() - started)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None
-    return result, best, peak
+    """(result, best seconds, peak GPU MiB or None) of fn() over `repeat` runs (measure_side_by_side)."""
+    return measure_side_by_side([fn], [repeat], device, clock, warm_up)[0]
 
 
 def measure_bandwidth(device, repeat=5):
@@ -176,16 +191,19 @@ def run_config(name, built, batch, args, device, bandwidth):
 
     def engine_run(steps):
         return engine.inverse(z, y) if steps is None else engine.block_inverse(N - 1, z, steps=steps)
-    slow_out, slow_s, slow_peak = timed(lambda: textbook_run(textbook_steps), args.textbook_repeat)
+    # (a) and (b) side by side: on a shared machine a load change between them would read as a
+    # speed-up; warmed up, or a one-run window carries the first call's costs into the extrapolation
+    (slow_out, slow_s, slow_peak), (fast_out, fast_s, fast_peak) = measure_side_by_side(
+        [lambda: textbook_run(textbook_steps), lambda: engine_run(engine_steps)], [args.textbook_repeat, args.repeat],
+        device, CLOCKS[args.clock], warm_up=True)
     windows_s = None
     if textbook_steps:
         late = T - 1 - textbook_steps
-        _, prefill_s, _ = timed(lambda: textbook_run(0, late), args.textbook_repeat)
-        _, late_s, late_peak = timed(lambda: textbook_run(textbook_steps, late), args.textbook_repeat)
+        _, prefill_s, _ = timed(lambda: textbook_run(0, late), args.textbook_repeat, warm_up=True)
+        _, late_s, late_peak = timed(lambda: textbook_run(textbook_steps, late), args.textbook_repeat, warm_up=True)
         windows_s = [slow_s, late_s - prefill_s]
         slow_peak = None if slow_peak is None else max(slow_peak, late_peak)
         slow_s = two_window_total(*windows_s, textbook_steps, T, N)
-    fast_out, fast_s, fast_peak = timed(lambda: engine_run(engine_steps))
     if textbook_steps != engine_steps:                      # compare like with like: the textbook's prefix
         fast_out = engine_run(textbook_steps)
 
