@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from sampling import build, synchronize        # benchmarks/sampling.py, beside this script
 from tarflow_ref import Guidance
-from tarflow_ref.torch_backend.engine import Engine, engine_precision, span_index
+from tarflow_ref.torch_backend.engine import Engine, engine_precision
 
 
 def kernel_rows(prof, device):
@@ -48,28 +48,25 @@ def profile_steps(engine, b, start, steps):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
     with torch.no_grad(), engine_precision(engine.device, engine.bf16):
         engine.position.fill_(start)
-        engine.body(block, engine.spans[span_index(engine.spans, start)])            # warm, unprofiled
+        engine.body(block, engine.span_for(start))                                  # warm, unprofiled
         synchronize(engine.device)
         engine.position.fill_(start)
         with profile(activities=activities) as prof:
             for t in range(start, start + steps):
-                engine.body(block, engine.spans[span_index(engine.spans, t)])
+                engine.body(block, engine.span_for(t))
             synchronize(engine.device)
     return prof
 
 
 def replay_seconds(engine, b, start, steps):
-    """Wall seconds per step of `steps` steps from `start`: graph replays on CUDA, eager on the CPU."""
-    block = engine.blocks[b]
+    """Wall seconds per step of `steps` steps from `start`, as the engine samples: graph replays on
+    CUDA, eager steps on the CPU."""
     with torch.no_grad(), engine_precision(engine.device, engine.bf16):
         engine.position.fill_(start)
         synchronize(engine.device)
         started = time.perf_counter()
         for t in range(start, start + steps):
-            if engine.captured:
-                engine.captured[b][span_index(engine.spans, t)].replay()
-            else:
-                engine.body(block, engine.spans[span_index(engine.spans, t)])
+            engine.run_step(b, t)
         synchronize(engine.device)
     return (time.perf_counter() - started) / steps
 

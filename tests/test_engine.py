@@ -150,7 +150,7 @@ def test_graph_body_run_eagerly_equals_the_eager_engine(b, guide, spans):
     engine = Engine(model.blocks, len(noise), GUIDANCE[guide], spans=spans)
     engine.set_labels(y)
     eager = engine.block_inverse(b, noise)
-    graph_body = graph_bodies(engine, b, noise, lambda t: engine.spans[span_index(engine.spans, t)])
+    graph_body = graph_bodies(engine, b, noise, engine.span_for)
     assert relative_error(graph_body, eager) < 1e-13
     assert relative_error(eager, textbook.block_inverse(model.blocks[b], noise, y, GUIDANCE[guide])) < 1e-12
 

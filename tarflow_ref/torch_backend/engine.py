@@ -231,6 +231,19 @@ class Engine:
         """The graph body, compiled or not."""
         (self.compiled or self.graph_step)(block, span)
 
+    def span_for(self, t: int) -> int:
+        """The cache slots the graph of step t reads (span_index)."""
+        return self.spans[span_index(self.spans, t)]
+
+    def run_step(self, b: int, t: int):
+        """Step t of block b, after `load`: a graph replay, the compiled body, or the eager step."""
+        if self.captured:
+            self.captured[b][span_index(self.spans, t)].replay()
+        elif self.compiled:
+            self.compiled(self.blocks[b], self.span_for(t))
+        else:
+            self.step(self.blocks[b], t)
+
     @torch.no_grad()
     def capture(self) -> float:
         """Record the CUDA graphs of every block and span, after one eager warm-up step of each on
@@ -284,17 +297,12 @@ class Engine:
         `steps` decodes only tokens 1..steps (the benchmark times such a prefix).
         """
         self.load(b, z)
-        block, tokens = self.blocks[b], self.u.shape[1]
+        tokens = self.u.shape[1]
         steps = tokens - 1 if steps is None else min(steps, tokens - 1)
         with engine_precision(self.device, self.bf16):
             for t in range(steps):
-                if self.captured:
-                    self.captured[b][span_index(self.spans, t)].replay()
-                elif self.compiled:
-                    self.compiled(block, self.spans[span_index(self.spans, t)])
-                else:
-                    self.step(block, t)
-        return block.permute(self.x).clone()
+                self.run_step(b, t)
+        return self.blocks[b].permute(self.x).clone()
 
     @torch.no_grad()
     def inverse(self, z, y=None, progress=None):
