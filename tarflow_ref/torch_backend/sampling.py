@@ -68,6 +68,7 @@ class Sampler:
         return sample(self.model, noise, y, self.guidance, self.bf16, progress, sampler=self.inverse)
 
     def inverse(self, model, z, y, guidance, bf16, progress):
+        """sample()'s `sampler`: `inverse` on this Sampler's engine for the batch size of z."""
         batch = len(z)
         if batch not in self.engines:
             self.engines[batch] = Engine(model.blocks, batch, guidance, bf16)
