@@ -1,0 +1,41 @@
+"""The seeded problems the checks pose: small flow blocks with weights drawn away from the
+initialisation (a fresh block is the identity map, on which a wrong inverse can still pass).
+
+A problem is a causal conditioner f in the block's token order (tarflow_ref/flow.py):
+
+    f(u: [B, n, D]) -> (a, m): [B, n, D],   a_t, m_t depend on u_0..u_t only (position t),
+
+the raw transformer output before the shift, exactly what flow.conditioner computes.
+"""
+import numpy as np
+
+from ..checkpoint import to_numpy
+from ..config import TarFlowConfig
+from ..flow import block_params, conditioner
+from ..torch_backend.model import TarFlow, randomize_
+
+# 16 tokens of 2 values (a 4x4 two-channel image, patch 1), one layer of width 16 in 2 heads
+TOY = TarFlowConfig(image_size=4, patch_size=1, channels=2, width=16, blocks=1, layers=1, num_classes=0,
+                    head_dim=8)
+
+
+def random_params(cfg: TarFlowConfig = TOY, seed: int = 0, out_scale: float = 0.5) -> dict:
+    """NumPy float64 parameters (released keys) of a TarFlow with weights away from the initialisation."""
+    import torch
+
+    return to_numpy(randomize_(TarFlow(cfg).to(torch.float64), seed, out_scale))
+
+
+def toy_conditioner(seed: int = 0, cfg: TarFlowConfig = TOY):
+    """(f, pb): the causal conditioner of block 0 of a random TarFlow, in its own token order, and
+    that block's parameters (for the reference functions of flow.py and jacobi.py)."""
+    pb = block_params(random_params(cfg, seed), 0)
+
+    def f(u):
+        return conditioner(pb, np.asarray(u, dtype=np.float64), None, cfg, reverse=False)
+    return f, pb
+
+
+def toy_noise(seed: int = 0, batch: int = 2, cfg: TarFlowConfig = TOY):
+    """z: [B, T, D] standard normal, seeded."""
+    return np.random.default_rng(seed).standard_normal((batch, cfg.tokens, cfg.token_dim))

@@ -1,0 +1,48 @@
+"""What a check says: one PASS line, or a CheckFailed that names the problem.
+
+A check runs a student's function on seeded inputs and compares the result with the package's
+reference and with a property that needs no reference (causality, inverse o forward = identity,
+a brute-force Jacobian). CheckFailed is an AssertionError, so nbgrader's autograder, pytest and a
+plain notebook run all count it as a failure; its message says which quantity, for which input,
+at which entry, and by how much, so a student learns what to fix rather than only that it is wrong.
+"""
+import numpy as np
+
+
+class CheckFailed(AssertionError):
+    """A student's result is wrong; the message says where and by how much."""
+
+
+def as_array(name, got, shape):
+    """got as a NumPy array of the expected shape, with only finite entries, or CheckFailed."""
+    if got is None:
+        raise CheckFailed(f"{name}: the function returned None (a missing `return`?)")
+    try:
+        arr = np.asarray(got, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise CheckFailed(f"{name}: expected an array, got {type(got).__name__} ({err})") from None
+    if arr.shape != tuple(shape):
+        raise CheckFailed(f"{name}: expected shape {tuple(shape)}, got {arr.shape}")
+    if not np.isfinite(arr).all():
+        bad = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
+        raise CheckFailed(f"{name}: entry {bad} is {arr[bad]} (not finite)")
+    return arr
+
+
+def expect_close(name, got, want, rtol=1e-8, atol=1e-10):
+    """CheckFailed unless got == want entrywise within atol + rtol |want| (float64 arithmetic
+    agrees far closer than that; a wrong formula misses by many orders more)."""
+    want = np.asarray(want, dtype=np.float64)
+    got = as_array(name, got, want.shape)
+    excess = np.abs(got - want) - (atol + rtol * np.abs(want))
+    if (excess > 0).any():
+        worst = np.unravel_index(np.argmax(excess), want.shape)
+        index = tuple(int(i) for i in worst)
+        raise CheckFailed(f"{name}: entry {index} is {got[worst]:.6g}, expected {want[worst]:.6g} "
+                          f"(max abs error {np.abs(got - want).max():.3g})")
+    return got
+
+
+def passed(name, what):
+    """Print the PASS line (the checks' only output, so nbval can compare it)."""
+    print(f"PASS {name}: {what}")
