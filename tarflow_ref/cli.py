@@ -1,4 +1,4 @@
-"""The command line: `python -m tarflow_ref {sample,trace,train,bpd} ...` (console script `tarflow-ref`).
+"""The command line: `python -m tarflow_ref {sample,trace,train,bpd,assignments} ...` (console script `tarflow-ref`).
 
     sample   noise -> images with the sequential (or GS-Jacobi) sampler, guidance, denoising,
              saved as a PNG grid (and optionally .npy); defaults to the bundled digits model
@@ -6,6 +6,8 @@
              the denoised image
     train    the released recipe on the digits or an image folder (train.py)
     bpd      bits per dimension of a checkpoint on the digits or an image folder
+    assignments release | grade
+             student versions of the course assignments; points of a student's notebook
 
 Every bad value stops before any work with one line on stderr and exit code 2.
 Images leave the model in [-1, 1] (plus the training noise); like the released evaluation,
@@ -125,7 +127,23 @@ def build_parser() -> Parser:
                    help="digits split (default: test, the 360 held-out images)")
     b.add_argument("--unlabelled", action="store_true", help="score a conditional model without labels (mean class embedding)")
     b.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
-    for command, run in ((s, run_sample), (t, run_trace), (tr, run_train), (b, run_bpd)):
+
+    a = sub.add_parser("assignments", help="hand out and grade the course assignments (assignments/)",
+                       description="Student versions of the course assignments, and the points of a student's notebook.")
+    course = a.add_subparsers(dest="action", required=True, parser_class=Parser)
+    source = Parser(add_help=False)
+    source.add_argument("--source", type=Path, help="the instructor notebook(s): one .ipynb or a folder "
+                        "(default: this repository's assignments/)")
+    rel = course.add_parser("release", parents=[source], help="write the student versions (solutions removed)")
+    rel.add_argument("--out", type=Path, required=True, help="folder for the student notebooks")
+    rel.add_argument("--force", action="store_true", help="replace student notebooks already in --out")
+    gr = course.add_parser("grade", parents=[source], help="run students' notebooks and print their points",
+                           description="Runs each notebook with the instructor's grade cells (it executes the "
+                                       "student's code: use a sandbox) and prints a table of points.")
+    gr.add_argument("submissions", type=Path, nargs="+", help="student notebooks, named like the assignment's")
+    gr.add_argument("--timeout", type=int, default=300, help="seconds per cell (default: 300)")
+    for command, run in ((s, run_sample), (t, run_trace), (tr, run_train), (b, run_bpd), (rel, run_release),
+                         (gr, run_grade)):
         command.set_defaults(run=run, fail=command.error)
     return parser
 
@@ -438,3 +456,53 @@ def run_bpd(args, fail):
     bpd = evaluate_bpd(model, images, labels if use_labels else None, batch_size=args.batch_size,
                        seed=args.seed, progress=progress("bpd"))
     print(f"bits/dim {bpd:.4f} ({where}, {len(images)} images, {'labelled' if use_labels else 'unlabelled'})")
+
+
+# ---- assignments ----------------------------------------------------------------------------------
+
+def instructor_notebooks(args, fail) -> dict:
+    """name -> path of the instructor notebooks in --source (default: the repository's assignments/)."""
+    from .grading.course import ASSIGNMENTS, find_notebooks
+
+    source = args.source if args.source is not None else ASSIGNMENTS
+    if args.source is None and not source.is_dir():
+        fail(f"this installation has no assignments folder ({source}); pass --source")
+    try:
+        return {path.name: path for path in find_notebooks(source)}
+    except ValueError as err:
+        fail(str(err))
+
+
+def run_release(args, fail):
+    from .grading.course import release
+
+    sources = instructor_notebooks(args, fail)
+    if args.out.exists() and not args.out.is_dir():
+        fail(f"--out {args.out}: is a file, not a folder")
+    try:
+        written = release(sources.values(), args.out, force=args.force)
+    except (ValueError, FileExistsError) as err:
+        fail(str(err))
+    for path in written:
+        print(f"wrote {path}")
+
+
+def run_grade(args, fail):
+    from .grading.course import grade
+
+    sources = instructor_notebooks(args, fail)
+    for path in args.submissions:
+        if not path.is_file():
+            fail(f"{path}: no such notebook")
+        if path.name not in sources:
+            fail(f"{path}: no assignment named {path.name} (there are: {', '.join(sources)})")
+    if args.timeout < 1:
+        fail(f"--timeout must be at least 1, got {args.timeout}")
+    for path in args.submissions:
+        try:
+            scores = grade(path, sources[path.name], timeout=args.timeout)
+        except ValueError as err:
+            fail(str(err))
+        print(f"{path}: {sum(s.earned for s in scores):g} / {sum(s.possible for s in scores):g} points")
+        for s in scores:
+            print(f"  {s.grade_id:<24} {s.earned:g} / {s.possible:g}" + (f"   {s.reason}" if s.reason else ""))

@@ -1,0 +1,166 @@
+"""Handing out and grading the course assignments (tarflow_ref/grading/course.py, the CLI's
+`assignments`), on a small instructor notebook made here and on the real assignments/."""
+import nbformat
+import pytest
+
+from tarflow_ref.cli import main
+from tarflow_ref.grading.course import ASSIGNMENTS, find_notebooks, grade, release, student_version
+
+SOLUTION = "    ### BEGIN SOLUTION\n    return a + b\n    ### END SOLUTION"
+
+
+def meta(grade_id, solution=False, points=None):
+    m = {"grade_id": grade_id, "schema_version": 3, "solution": solution, "task": False,
+         "grade": points is not None, "locked": not solution}
+    if points is not None:
+        m["points"] = points
+    return {"nbgrader": m}
+
+
+def instructor(solution=SOLUTION):
+    """add(a, b) as the student's part, worth 2 + 1 points; one hidden test."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    nb.cells = [
+        nbformat.v4.new_markdown_cell("Write `add`."),
+        nbformat.v4.new_code_cell(f'def add(a, b):\n    """a + b"""\n{solution}', metadata=meta("add", solution=True)),
+        nbformat.v4.new_code_cell("assert add(2, 3) == 5\nprint('PASS add')", metadata=meta("check_add", points=2)),
+        nbformat.v4.new_code_cell("assert add(-1, 1) == 0\n### BEGIN HIDDEN TESTS\nassert add(0.5, 0.25) == 0.75\n"
+                                  "### END HIDDEN TESTS", metadata=meta("check_more", points=1)),
+    ]
+    nb.cells[2].outputs = [nbformat.v4.new_output("stream", text="PASS add\n")]
+    return nb
+
+
+def write(nb, path):
+    nbformat.write(nb, path)
+    return path
+
+
+def sources(nb):
+    return "\n".join(cell.source for cell in nb.cells)
+
+
+def test_student_version_keeps_the_signature_and_removes_solutions_hidden_tests_and_outputs():
+    nb = instructor()
+    student = student_version(nb)
+    text = sources(student)
+    assert "return a + b" not in text and "BEGIN SOLUTION" not in text
+    assert 'def add(a, b):\n    """a + b"""\n    # YOUR CODE HERE\n    raise NotImplementedError()' in text
+    assert "0.75" not in text and "assert add(-1, 1) == 0" in text
+    assert all(not cell.get("outputs") for cell in student.cells)
+    assert "return a + b" in sources(nb)                                # the instructor's copy is untouched
+
+
+def test_release_writes_nothing_over_existing_files_without_force(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    paths = [write(instructor(), src / "a.ipynb"), write(instructor(), src / "b.ipynb")]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "b.ipynb").write_text("the student's work")
+    with pytest.raises(FileExistsError, match="b.ipynb"):
+        release(paths, out)
+    assert not (out / "a.ipynb").exists() and (out / "b.ipynb").read_text() == "the student's work"
+    assert release(paths, out, force=True) == [out / "a.ipynb", out / "b.ipynb"]
+    assert "raise NotImplementedError()" in sources(nbformat.read(out / "b.ipynb", as_version=4))
+
+
+@pytest.mark.parametrize("broken, message", [
+    ("no solution cells", "has no solution cells"),
+    ("unclosed region", "no end solution"),
+    ("region in an unmarked cell", "non-solution cell"),
+])
+def test_bad_markup_is_named(tmp_path, broken, message):
+    nb = instructor()
+    if broken == "no solution cells":
+        nb.cells[1].metadata = {}
+        nb.cells[1].source = "def add(a, b):\n    return a + b"
+    elif broken == "unclosed region":
+        nb.cells[1].source = nb.cells[1].source.replace("    ### END SOLUTION", "")
+    else:
+        nb.cells[2].source = "### BEGIN SOLUTION\nx = 1\n### END SOLUTION"
+    with pytest.raises(ValueError, match=message):
+        release([write(nb, tmp_path / "x.ipynb")], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_find_notebooks_names_a_bad_source(tmp_path):
+    with pytest.raises(ValueError, match="no .ipynb notebooks"):
+        find_notebooks(tmp_path)
+    with pytest.raises(ValueError, match="not a notebook"):
+        find_notebooks(tmp_path / "missing.ipynb")
+    (tmp_path / "bad.ipynb").write_text("{ not json")
+    with pytest.raises(ValueError, match="not a readable notebook"):
+        release([tmp_path / "bad.ipynb"], tmp_path / "out")
+
+
+def points(scores):
+    return {s.grade_id: s.earned for s in scores}
+
+
+def test_grading_scores_answers_and_restores_the_instructors_checks(tmp_path):
+    key = write(instructor(), tmp_path / "key.ipynb")
+    right = write(instructor(), tmp_path / "right.ipynb")
+    assert points(grade(right, key)) == {"check_add": 2, "check_more": 1}
+
+    blank = write(student_version(instructor()), tmp_path / "blank.ipynb")
+    scores = grade(blank, key)
+    assert points(scores) == {"check_add": 0, "check_more": 0}
+    assert scores[0].reason.startswith("NotImplementedError")
+
+    # a wrong answer whose student replaced the first check by `pass`: grading puts the check back
+    cheat = instructor("    return a - b")
+    cheat.cells[2].source = "pass"
+    scores = grade(write(cheat, tmp_path / "cheat.ipynb"), key)
+    assert points(scores) == {"check_add": 0, "check_more": 0}
+    assert scores[0].reason.startswith("AssertionError")
+
+    # right for whole numbers only, in the student version (which has no hidden test): the visible
+    # tests pass, the hidden one (back at grading) does not
+    halves = student_version(instructor())
+    halves.cells[1].source = halves.cells[1].source.replace(
+        "    # YOUR CODE HERE\n    raise NotImplementedError()", "    return int(a) + int(b)")
+    assert points(grade(write(halves, tmp_path / "halves.ipynb"), key)) == {"check_add": 2, "check_more": 0}
+
+    deleted = instructor()
+    del deleted.cells[3]
+    scores = grade(write(deleted, tmp_path / "deleted.ipynb"), key)
+    assert points(scores) == {"check_add": 2, "check_more": 0} and scores[1].reason == "grade cell deleted"
+
+
+def test_the_assignments_release_and_an_unanswered_one_earns_nothing(tmp_path):
+    """Every real assignment: its student version keeps no solution, and every grade cell of the
+    unanswered version fails (the checks cannot pass without the student's code). The instructor
+    versions pass under nbval."""
+    notebooks = find_notebooks(ASSIGNMENTS)
+    written = release(notebooks, tmp_path)
+    for path, student_path in zip(notebooks, written):
+        key, student = nbformat.read(path, as_version=4), nbformat.read(student_path, as_version=4)
+        solutions = [cell for cell in key.cells if cell.metadata.get("nbgrader", {}).get("solution")]
+        assert solutions and sources(student).count("raise NotImplementedError()") == len(solutions)
+        assert "BEGIN SOLUTION" not in sources(student)
+        scores = grade(student_path, path)
+        assert scores and all(s.earned == 0 for s in scores), (path.name, scores)
+
+
+def test_cli_release_and_grade(tmp_path, capsys):
+    (tmp_path / "src").mkdir()
+    key = write(instructor(), tmp_path / "src" / "hw.ipynb")
+    release_argv = ["assignments", "release", "--source", str(key.parent), "--out", str(tmp_path / "out")]
+    main(release_argv)
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'out' / 'hw.ipynb'}"
+    with pytest.raises(SystemExit) as stop:
+        main(release_argv)
+    assert stop.value.code == 2 and "would overwrite" in capsys.readouterr().err
+
+    main(["assignments", "grade", "--source", str(key.parent), str(tmp_path / "out" / "hw.ipynb")])
+    out = capsys.readouterr().out
+    assert "hw.ipynb: 0 / 3 points" in out and "NotImplementedError" in out
+
+    write(nbformat.v4.new_notebook(), tmp_path / "other.ipynb")
+    for submission, message in ((tmp_path / "missing.ipynb", "no such notebook"),
+                                (tmp_path / "other.ipynb", "no assignment named other.ipynb")):
+        with pytest.raises(SystemExit) as stop:
+            main(["assignments", "grade", "--source", str(key.parent), str(submission)])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
