@@ -61,6 +61,12 @@ def keeps_x0(x, z, f):
     return F
 
 
+def zero_token_0(x, z, f):
+    F = jacobi_update(x, z, f)
+    F[:, 0] = 0.0
+    return F
+
+
 def rolls(x, z, f):
     a, m = f(x)
     return z * np.exp(np.roll(a, 1, axis=1)) + np.roll(m, 1, axis=1)
@@ -107,6 +113,7 @@ def writes_into_x(x, z, f):
 
 @pytest.mark.parametrize("wrong, match", [
     (keeps_x0, r"token 0 must pass unchanged, F\(x\)_0 = z_0, but it is off by .* \(it is x_0\)"),
+    (zero_token_0, r"token 0 must pass unchanged, F\(x\)_0 = z_0, but it is off by [0-9.]+$"),
     (rolls, r"token 0 must pass unchanged"),
     (no_shift, r"token 8 of F\(x\) changed when only x_8 changed; .*shift by one token"),
     (x_for_z, r"token 8 of F\(x\) changed when only x_8 changed; .*z_\(t\+1\), not x_\(t\+1\)"),
