@@ -191,3 +191,13 @@ def test_not_implemented_propagates(check):
         raise NotImplementedError()
     with pytest.raises(NotImplementedError):
         check(student)
+
+
+@pytest.mark.parametrize("check, good", CHECKS)
+def test_writing_into_an_input_is_named(check, good):
+    def student(first, *rest):
+        out = good(first.copy(), *rest)
+        first *= 2.0
+        return out
+    with pytest.raises(CheckFailed, match="changed its argument (scores|q) in place"):
+        check(student)

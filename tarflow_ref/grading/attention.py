@@ -33,25 +33,15 @@ What no check can see: whether decode really goes token by token rather than cal
 causal_attention once on everything (the outputs are the same; that is the point of the cache).
 """
 import math
-from contextlib import contextmanager
 
 import numpy as np
 
 from ..attention import attention_weights, softmax as reference_softmax
-from .report import CheckFailed, as_array, expect_close, passed
+from .report import CheckFailed, as_array, call_unchanged, expect_close, hint, passed, same
 
 # An output "changed" when it moved by more than this; masked keys move it by exactly 0 (their
 # weight is exp(-inf) = 0), while the perturbations below move a visible key's output by 1e-2 or more.
 MOVED = 1e-10
-
-
-@contextmanager
-def hint(text):
-    """Append what the student should look at to a CheckFailed raised inside the block."""
-    try:
-        yield
-    except CheckFailed as err:
-        raise CheckFailed(f"{err}. {text}") from None
 
 
 def check_softmax(fn):
@@ -59,14 +49,15 @@ def check_softmax(fn):
     rng = np.random.default_rng(0)
     # [4, 4]: square, so a max without keepdims broadcasts silently instead of raising
     scores = 2.0 * rng.standard_normal((4, 4))
-    got = as_array("softmax of a [4, 4] array", fn(scores.copy()), scores.shape)
+    got = as_array("softmax of a [4, 4] array", call_unchanged("softmax", fn, scores=scores), scores.shape)
     row_sums = got.sum(-1)
     with hint("Every row must sum to 1: normalise along the last axis (axis=-1), one row at a time"):
         expect_close("sum of each row of softmax", row_sums, np.ones_like(row_sums))
     shift = rng.uniform(-20.0, 20.0, (4, 1))                                       # one constant per row
     with hint("softmax(s + c) must equal softmax(s) for a constant c per row: subtract each row's own "
               "maximum (max along the last axis with keepdims=True)"):
-        expect_close("softmax after adding a constant to each row", fn(scores + shift), got)
+        expect_close("softmax after adding a constant to each row",
+                     call_unchanged("softmax", fn, scores=scores + shift), got)
     expect_close("softmax of a [4, 4] array", got, reference_softmax(scores))
 
     # [2, 3, 7] masked like attention scores (query i sees keys 0..4+i), then moved far from 0
@@ -78,7 +69,7 @@ def check_softmax(fn):
              "A row far below the others must still work: subtract each row's own maximum, not the "
              "maximum of the whole array (then exp underflows to 0/0 in the low row)")]:
         with hint(advice):
-            got = as_array(f"softmax of {what}", fn(scores.copy()), scores.shape)
+            got = as_array(f"softmax of {what}", call_unchanged("softmax", fn, scores=scores), scores.shape)
         hidden = np.isneginf(scores)
         if (got[hidden] != 0).any():
             index = tuple(int(i) for i in np.argwhere(hidden & (got != 0))[0])
@@ -99,7 +90,9 @@ def check_causal_attention(fn):
         k = rng.standard_normal((heads, start + n, d))
         v = rng.standard_normal((heads, start + n, e))
         name = f"causal_attention with H={heads}, n={n}, d={d}, e={e}, start={start}"
-        call = on_copies(fn, start=start)
+
+        def call(q, k, v, name=name, start=start):
+            return call_unchanged(name, fn, q=q, k=k, v=v, start=start)
         got = check_dependence(name, call, q, k, v, start,
                                own="a query must see its own key (keep key j for j <= start + i, not j < start + i)",
                                earlier="query i sits at position start + i and must see every key 0..start+i"
@@ -117,7 +110,9 @@ def check_decode(fn):
     for heads, tokens, d in [(2, 5, 4), (3, 7, 8)]:
         q, k, v = rng.standard_normal((3, heads, tokens, d))
         name = f"decode with H={heads}, T={tokens}, d={d}"
-        call = on_copies(fn)
+
+        def call(q, k, v, name=name):
+            return call_unchanged(name, fn, q=q, k=k, v=v)
         first = as_array(name, call(q, k, v), q.shape)
         with hint("Create the cache inside decode, so that each call starts with an empty one"):
             expect_close(f"{name}, called a second time on the same q, k, v", call(q, k, v), first)
@@ -142,15 +137,6 @@ def expect_attention(name, got, q, k, v, start):
             raise CheckFailed(f"{name}: {mistake}")
     with hint("Compare with softmax(q k^T / sqrt(d)) under the causal mask, times v (d: the width of q and k)"):
         return expect_close(name, got, attention_weights(q[None], k[None], start)[0] @ v)
-
-
-def same(got, want):
-    """True when got matches want within expect_close's tolerance."""
-    try:
-        expect_close("", got, want)
-    except CheckFailed:
-        return False
-    return True
 
 
 def check_dependence(name, call, q, k, v, start, own, earlier, future):
@@ -200,7 +186,3 @@ def check_dependence(name, call, q, k, v, start, own, earlier, future):
                           "independent (the softmax runs along the keys, never across heads)")
     return base
 
-
-def on_copies(fn, **kwargs):
-    """fn called on copies of its arrays: a student's in-place edit must not change the check's inputs."""
-    return lambda *arrays: fn(*(a.copy() for a in arrays), **kwargs)

@@ -44,9 +44,8 @@ from einops import rearrange
 
 from ..flow import block_forward, block_inverse, shift as reference_shift
 from ..jacobi import affine_step
-from .attention import hint, same
 from .problems import TOY, toy_conditioner, toy_noise
-from .report import CheckFailed, as_array, expect_close, passed
+from .report import CheckFailed, as_array, call_unchanged, expect_close, hint, passed, same
 
 # (seed, batch, tokens): the whole toy block, an odd prefix with a larger batch, a single sample.
 # Seeds whose inverse of toy_noise stays bounded (|u| < 6): the random blocks of seeds 1-3 amplify
@@ -64,14 +63,14 @@ def check_shift(fn):
         o = np.zeros(shape)
         o[0, t, 0] = 1.0
         name = f"shift(o) for o of shape {list(shape)} holding one 1 at (sample 0, token {t}, value 0)"
-        got = as_array(name, call_unchanged(name, fn, o), shape)
+        got = as_array(name, call_unchanged(name, fn, o=o), shape)
         if not same(got, reference_shift(o)):
             raise CheckFailed(f"{name}: {impulse_mistake(got, t, tokens)}")
     rng = np.random.default_rng(0)
     for shape in [(2, 5, 3), (3, 16, 2), (1, 7, 4)]:
         o = rng.standard_normal(shape)
         name = f"shift(o) for o of shape {list(shape)}"
-        expect_close(name, call_unchanged(name, fn, o), reference_shift(o))
+        expect_close(name, call_unchanged(name, fn, o=o), reference_shift(o))
     passed("shift", "o'_t = o_{t-1}, o'_0 = 0 along the token axis: a 1 at each token moves one token "
            "later, none wraps around; matches the reference on 3 arrays")
 
@@ -112,7 +111,7 @@ def check_flow_forward(fn):
 
 def forward_pair(name, fn, u, f):
     """(z, logdet) from fn(u, f), checked for type, shapes and finiteness."""
-    out = call_unchanged(name, fn, u, f)
+    out = call_unchanged(name, fn, u=u, f=f)
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         what = "None (a missing `return`?)" if out is None else type(out).__name__
         raise CheckFailed(f"{name}: return the pair (z, logdet), got {what}")
@@ -174,7 +173,7 @@ def check_flow_inverse(fn):
         f, pb = toy_conditioner(seed)
         z = toy_noise(seed, batch)[:, :tokens]
         name = f"flow_inverse(z, f) for z of shape {list(z.shape)}"
-        u = as_array(name, call_unchanged(name, fn, z, f), z.shape)
+        u = as_array(name, call_unchanged(name, fn, z=z, f=f), z.shape)
         with hint("token 0 must pass unchanged, u_0 = z_0 (after the shift a_0 = m_0 = 0); token t + 1 "
                   "uses the conditioner's output at position t"):
             expect_close(f"{name}: token 0", u[:, 0], z[:, 0])
@@ -200,12 +199,3 @@ def inverse_mistake(u, z, f, t):
     return (f"token {t} is off. u_{t} = z_{t} exp(a_{t - 1}) + m_{t - 1}, with a_{t - 1}, m_{t - 1} the "
             f"output of f at position {t - 1} (the last position of the decoded prefix u_0..u_{t - 1})")
 
-
-def call_unchanged(name, fn, x, *rest):
-    """fn(x, *rest), with CheckFailed if fn wrote into its input array x."""
-    before = x.copy()
-    out = fn(x, *rest)
-    if not np.array_equal(x, before):
-        raise CheckFailed(f"{name}: the function changed its input array in place; work on a copy "
-                          "(np.zeros_like, .copy()) and return it")
-    return out

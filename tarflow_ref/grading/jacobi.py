@@ -41,7 +41,7 @@ from ..flow import block_inverse, conditioner, shift
 from ..jacobi import affine_step, block_inverse_gsj
 from ..strategy import BlockPlan
 from .problems import TOY, toy_conditioner, toy_noise
-from .report import CheckFailed, as_array, expect_close, passed
+from .report import CheckFailed, as_array, call_unchanged, expect_close, hint, passed
 
 # (conditioner seed, noise seed, B, T): the exact inverse and every Jacobi / GS-Jacobi iterate of
 # these stay below 5 in size, so a student's solver needs no guard against overflow
@@ -80,23 +80,14 @@ def _off_by(got, want, t):
 
 
 def _call(label, fn, shape, **args):
-    """fn(*args) as a finite array of `shape`, or CheckFailed; also when fn wrote into an array
-    it was given (the caller's z would be spoiled for everything after)."""
-    saved = {name: value.copy() for name, value in args.items() if isinstance(value, np.ndarray)}
-    got = fn(*args.values())
-    for name, value in saved.items():
-        if not np.array_equal(args[name], value):
-            raise CheckFailed(f"{label}: your function changed its argument {name} in place; work on a "
-                              f"copy (e.g. new = {name}.copy()) so that the caller's {name} stays as it was")
-    return as_array(label, got, shape)
+    """fn(*args) as a finite array of `shape`, or CheckFailed (also when fn wrote into an argument)."""
+    return as_array(label, call_unchanged(label, fn, **args), shape)
 
 
-def _expect(label, got, want, hint):
-    """expect_close with a hint in the student's terms appended to its message."""
-    try:
+def _expect(label, got, want, advice):
+    """expect_close with advice in the student's terms appended to its message."""
+    with hint(advice):
         expect_close(label, got, want, RTOL, ATOL)
-    except CheckFailed as err:
-        raise CheckFailed(f"{err}; {hint}") from None
 
 
 def check_jacobi_update(jacobi_update):
@@ -147,25 +138,25 @@ def check_jacobi_inverse(jacobi_inverse):
             x = _call(label, jacobi_inverse, z.shape, z=z, f=f, iterations=k)
             n = _first_wrong(x, exact)
             if n < k + 1:
-                hint = (f"it equals {_count(k - 1, 'iteration')}: the loop runs one iteration too few"
+                advice = (f"it equals {_count(k - 1, 'iteration')}: the loop runs one iteration too few"
                         if _first_wrong(x, _solver(pb, z, 1, k - 1)) == T
                         else "start from x^0 = z (token 0 exact from the start) and repeat x <- F(x)")
                 raise CheckFailed(f"{label}: after {_count(k, 'iteration')} tokens 0..{k} must equal the exact "
                                   f"inverse (the causal staircase), but token {n} is off by {_off_by(x, exact, n)}; "
-                                  f"{hint}")
+                                  f"{advice}")
             want = _solver(pb, z, 1, k)
             if _first_wrong(x, want) == T:
                 continue
             if _first_wrong(x, _solver(pb, z, 1, k + 1)) == T:
-                hint = f"it equals {_count(k + 1, 'iteration')}: the loop runs one iteration too many"
+                advice = f"it equals {_count(k + 1, 'iteration')}: the loop runs one iteration too many"
             elif n > _first_wrong(want, exact):
-                hint = (f"tokens 0..{n - 1} are exact already, more than {_count(k, 'Jacobi iteration')} can "
+                advice = (f"tokens 0..{n - 1} are exact already, more than {_count(k, 'Jacobi iteration')} can "
                         f"give: values updated within an iteration were used for later tokens (updating x in "
                         f"place, token by token, is Gauss-Seidel, i.e. the sequential sampler); Jacobi computes "
                         f"all of x^(k+1) = F(x^k) from x^k, with one call of f")
             else:
-                hint = "each iteration is x <- F(x) (your jacobi_update), starting from x^0 = z"
-            _expect(label, x, want, hint)
+                advice = "each iteration is x <- F(x) (your jacobi_update), starting from x^0 = z"
+            _expect(label, x, want, advice)
     passed("jacobi_inverse", "after k iterations tokens 0..k are exact, T - 1 iterations give the exact inverse, "
                              "and it equals the package's Jacobi solver for k = 1, 2, 5, T - 1 (3 toy blocks)")
 

@@ -37,5 +37,7 @@ def toy_conditioner(seed: int = 0, cfg: TarFlowConfig = TOY):
 
 
 def toy_noise(seed: int = 0, batch: int = 2, cfg: TarFlowConfig = TOY):
-    """z: [B, T, D] standard normal, seeded."""
+    """z: [B, T, D] standard normal, seeded. Some random blocks amplify such noise in their inverse
+    until it overflows (correctly, and uselessly for a check): each check names the seeds it uses,
+    chosen so that the inverse and every iterate stay small."""
     return np.random.default_rng(seed).standard_normal((batch, cfg.tokens, cfg.token_dim))

@@ -6,6 +6,8 @@ a brute-force Jacobian). CheckFailed is an AssertionError, so nbgrader's autogra
 plain notebook run all count it as a failure; its message says which quantity, for which input,
 at which entry, and by how much, so a student learns what to fix rather than only that it is wrong.
 """
+from contextlib import contextmanager
+
 import numpy as np
 
 
@@ -41,6 +43,37 @@ def expect_close(name, got, want, rtol=1e-8, atol=1e-10):
         raise CheckFailed(f"{name}: entry {index} is {got[worst]:.6g}, expected {want[worst]:.6g} "
                           f"(max abs error {np.abs(got - want).max():.3g})")
     return got
+
+
+def same(got, want, rtol=1e-8, atol=1e-10):
+    """True when got matches want as expect_close would accept (to name a known mistake)."""
+    try:
+        expect_close("", got, want, rtol, atol)
+    except CheckFailed:
+        return False
+    return True
+
+
+@contextmanager
+def hint(text):
+    """Append what the student should look at to a CheckFailed raised inside the block."""
+    try:
+        yield
+    except CheckFailed as err:
+        raise CheckFailed(f"{err}; {text}") from None
+
+
+def call_unchanged(name, fn, **args):
+    """fn(*args.values()), positionally (a student's parameter names are theirs to choose), with
+    CheckFailed if fn wrote into an array it was given: the check reuses its inputs, and so does
+    the student's own code that calls fn."""
+    saved = {key: value.copy() for key, value in args.items() if isinstance(value, np.ndarray)}
+    out = fn(*args.values())
+    for key, value in saved.items():
+        if not np.array_equal(args[key], value, equal_nan=True):
+            raise CheckFailed(f"{name}: the function changed its argument {key} in place; work on a copy "
+                              f"(e.g. new = {key}.copy()) so that the caller's {key} stays as it was")
+    return out
 
 
 def passed(name, what):
