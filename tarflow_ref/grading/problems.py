@@ -5,7 +5,10 @@ A problem is a causal conditioner f in the block's token order (tarflow_ref/flow
 
     f(u: [B, n, D]) -> (a, m): [B, n, D],   a_t, m_t depend on u_0..u_t only (position t),
 
-the raw transformer output before the shift, exactly what flow.conditioner computes.
+the raw transformer output before the shift, exactly what flow.conditioner computes. A conditional
+block gives two such conditioners, the branches of classifier-free guidance (SPEC, "Inverse"):
+f_cond with the class embedding of label y_i for sample i, f_uncond with the mean class embedding
+and the attention temperature tau_u.
 """
 import numpy as np
 
@@ -17,6 +20,8 @@ from ..torch_backend.model import TarFlow, randomize_
 # 16 tokens of 2 values (a 4x4 two-channel image, patch 1), one layer of width 16 in 2 heads
 TOY = TarFlowConfig(image_size=4, patch_size=1, channels=2, width=16, blocks=1, layers=1, num_classes=0,
                     head_dim=8)
+# its conditional twin, for guidance: 3 classes
+TOY_CLASSES = TOY.replace(num_classes=3)
 
 
 def random_params(cfg: TarFlowConfig = TOY, seed: int = 0, out_scale: float = 0.5) -> dict:
@@ -34,6 +39,22 @@ def toy_conditioner(seed: int = 0, cfg: TarFlowConfig = TOY):
     def f(u):
         return conditioner(pb, np.asarray(u, dtype=np.float64), None, cfg, reverse=False)
     return f, pb
+
+
+def toy_branches(seed: int = 0, labels=(0,), temperature: float = 1.0, cfg: TarFlowConfig = TOY_CLASSES):
+    """(f_cond, f_uncond, pb): the two guidance branches of block 0 of a random conditional TarFlow,
+    for inputs u: [B, n, D] with B = len(labels) (sample i has label labels[i]; f_uncond attends
+    at temperature tau_u), and that block's parameters (for flow.block_inverse with y = labels)."""
+    pb = block_params(random_params(cfg, seed), 0)
+    y = np.asarray(labels)
+
+    def f_cond(u):
+        return conditioner(pb, np.asarray(u, dtype=np.float64), y, cfg, reverse=False)
+
+    def f_uncond(u):
+        return conditioner(pb, np.asarray(u, dtype=np.float64), None, cfg, reverse=False,
+                           temperature=temperature)
+    return f_cond, f_uncond, pb
 
 
 def toy_noise(seed: int = 0, batch: int = 2, cfg: TarFlowConfig = TOY):
