@@ -9,9 +9,11 @@ its grade cells (locked, worth `points`, calling the checks of tarflow_ref.gradi
               regions between `### BEGIN HIDDEN TESTS` and `### END HIDDEN TESTS` go
               (ClearHiddenTests), and the outputs are cleared.
     grade:    student notebook -> points. Every grade cell is put back as the instructor wrote
-              it, so editing or deleting a check earns nothing; the notebook runs top to bottom
-              in a fresh kernel, and a grade cell earns its points when it runs without an error
-              (nbgrader's rule, nbgrader.utils.determine_grade).
+              it (source and points), so editing, deleting or adding a check earns nothing; the
+              outputs are cleared and the notebook runs top to bottom in a fresh kernel; a grade
+              cell earns its points when it runs without an error (nbgrader's rule,
+              nbgrader.utils.determine_grade), and nothing when the run stopped before it ended
+              (a cell over the time limit, a dead kernel).
 
 The markup is nbgrader's own, so an instructor running the full nbgrader (gradebook, feedback)
 uses the same notebooks with `nbgrader generate_assignment` / `autograde`. Grading runs the
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
+from nbclient.exceptions import CellTimeoutError, DeadKernelError
 from nbconvert.preprocessors import ClearOutputPreprocessor
 from nbgrader.preprocessors import ClearHiddenTests, ClearSolutions
 from nbgrader.utils import determine_grade, is_grade, is_solution
@@ -111,33 +114,60 @@ def error_line(cell) -> str:
     return ""
 
 
-def restore_grade_cells(submission, instructor, name: str):
-    """A copy of the submission whose grade cells are the instructor's; (notebook, ids deleted)."""
+def with_instructors_checks(submission, key: dict, name: str):
+    """A copy of the submission, outputs cleared, whose grade cells are the instructor's (source
+    and metadata, so points too); a cell the student marked as graded is not. key: grade_cells of
+    the instructor's notebook."""
     nb = copy.deepcopy(submission)
-    theirs = grade_cells(instructor)
-    for grade_id, cell in grade_cells(nb).items():
-        if grade_id in theirs:
-            cell.source = theirs[grade_id].source
-    missing = [grade_id for grade_id in theirs if grade_id not in grade_cells(nb)]
-    if len(missing) == len(theirs):
+    found = 0
+    for cell in nb.cells:
+        if is_grade(cell):
+            theirs = key.get(cell.metadata.nbgrader["grade_id"])
+            if theirs is None:
+                cell.metadata.nbgrader["grade"] = False
+            else:
+                cell.source, cell.metadata = theirs.source, copy.deepcopy(theirs.metadata)
+                found += 1
+    if not found:
         raise ValueError(f"{name} has none of the assignment's grade cells: is it the right notebook?")
-    return nb, missing
+    nb, _ = ClearOutputPreprocessor().preprocess(nb, {})
+    return nb
+
+
+def run(nb, folder: Path, timeout: int):
+    """Execute nb in a fresh kernel, in `folder`, keeping going past errors. Returns (index of
+    the cell at which the run stopped, why) for a cell that timed out or a kernel that died,
+    else (None, "")."""
+    try:
+        NotebookClient(nb, timeout=timeout, allow_errors=True, kernel_name="python3",
+                       resources={"metadata": {"path": str(folder)}}).execute()
+    except (CellTimeoutError, DeadKernelError) as err:
+        started = [i for i, cell in enumerate(nb.cells) if cell.get("execution_count") is not None]
+        why = "the kernel died" if isinstance(err, DeadKernelError) else f"a cell ran over {timeout} s"
+        return (started[-1] if started else 0), why
+    return None, ""
 
 
 def grade(submission, instructor, timeout: int = 300) -> list[Score]:
-    """Run a student's notebook with the instructor's grade cells and score each grade cell.
+    """Run a student's notebook with the instructor's grade cells and score each of them, in the
+    instructor's order. A grade cell the student deleted, and one the run did not finish (a cell
+    over `timeout` seconds, a dead kernel), scores 0.
 
-    submission, instructor: paths of the two notebooks. A grade cell the student deleted scores 0.
+    submission, instructor: paths of the two notebooks.
     """
     submission = Path(submission)
-    theirs = read_notebook(Path(instructor))
-    nb, missing = restore_grade_cells(read_notebook(submission), theirs, submission.name)
-    NotebookClient(nb, timeout=timeout, allow_errors=True, kernel_name="python3",
-                   resources={"metadata": {"path": str(submission.parent)}}).execute()
+    key = grade_cells(read_notebook(Path(instructor)))
+    nb = with_instructors_checks(read_notebook(submission), key, submission.name)
+    stop, why = run(nb, submission.parent, timeout)
+    where = {cell.metadata.nbgrader["grade_id"]: i for i, cell in enumerate(nb.cells) if is_grade(cell)}
     scores = []
-    for grade_id, cell in grade_cells(nb).items():
-        earned, possible = determine_grade(cell)
-        scores.append(Score(grade_id, earned, possible, "" if earned == possible else error_line(cell)))
-    possible = grade_cells(theirs)
-    scores += [Score(g, 0.0, float(possible[g].metadata.nbgrader["points"]), "grade cell deleted") for g in missing]
+    for grade_id, theirs in key.items():
+        possible = float(theirs.metadata.nbgrader["points"])
+        if grade_id not in where:
+            scores.append(Score(grade_id, 0.0, possible, "grade cell deleted"))
+        elif stop is not None and where[grade_id] >= stop:
+            scores.append(Score(grade_id, 0.0, possible, f"not finished: {why}"))
+        else:
+            earned, _ = determine_grade(nb.cells[where[grade_id]])
+            scores.append(Score(grade_id, earned, possible, "" if earned == possible else error_line(nb.cells[where[grade_id]])))
     return scores
