@@ -129,10 +129,11 @@ def test_grading_scores_answers_and_restores_the_instructors_checks(tmp_path):
     assert points(scores) == {"check_add": 2, "check_more": 0} and scores[1].reason == "grade cell deleted"
 
 
-def test_the_assignments_release_and_an_unanswered_one_earns_nothing(tmp_path):
-    """Every real assignment: its student version keeps no solution, and every grade cell of the
-    unanswered version fails (the checks cannot pass without the student's code). The instructor
-    versions pass under nbval."""
+def test_the_assignments_release_an_unanswered_one_earns_nothing_and_the_key_everything(tmp_path):
+    """Every real assignment: its student version keeps no solution, every grade cell of the
+    unanswered version fails (the checks cannot pass without the student's code), and the
+    instructor's version earns every point (no check writes to stderr, which nbgrader's rule
+    counts as a failure)."""
     notebooks = find_notebooks(ASSIGNMENTS)
     written = release(notebooks, tmp_path)
     for path, student_path in zip(notebooks, written):
@@ -144,6 +145,7 @@ def test_the_assignments_release_and_an_unanswered_one_earns_nothing(tmp_path):
         assert "BEGIN SOLUTION" not in sources(student)
         scores = grade(student_path, path)
         assert scores and all(s.earned == 0 for s in scores), (path.name, scores)
+        assert all(s.earned == s.possible for s in grade(path, path)), path.name    # the key earns every point
 
 
 def test_cli_release_and_grade(tmp_path, capsys):
