@@ -198,8 +198,8 @@ def _maps_back(name, x, z, pb, labels, why):
 
 def check_guided_inverse(fn):
     """fn(z, f_cond, f_uncond, g, what, annealed) -> x: [B, T, D]; prints PASS or raises CheckFailed."""
-    seed, labels, T, _ = PROBLEMS[0]
-    f_cond, f_uncond, pb = toy_branches(seed, labels, temperature=0.5)
+    seed, labels, T, guidance = PROBLEMS[0]
+    f_cond, f_uncond, pb = toy_branches(seed, labels, guidance.temperature)
     z = toy_noise(seed, len(labels))[:, :T]
     name = f"guided_inverse(z, f_cond, f_uncond, g=0.0, what='ab') for z of shape {list(z.shape)}"
     _maps_back(name, _inverse(fn, name, z, f_cond, f_uncond, 0.0, "ab", False), z, pb, labels,
