@@ -12,6 +12,8 @@ from tarflow_ref.grading.flow import check_flow_forward, check_flow_inverse, che
 from tarflow_ref.grading.problems import TOY, toy_conditioner
 from tarflow_ref.grading.report import CheckFailed
 
+from conftest import not_implemented, with_nan
+
 
 @pytest.fixture
 def reference(monkeypatch):
@@ -26,16 +28,6 @@ def reference(monkeypatch):
     monkeypatch.setattr(grading, "toy_conditioner", recording)
     return (lambda u, f: flow.block_forward(block_of[f], u, None, TOY, False),
             lambda z, f: flow.block_inverse(block_of[f], z, None, TOY, False))
-
-
-def not_implemented(*args):
-    raise NotImplementedError()
-
-
-def with_nan(x):
-    x = np.array(x, dtype=np.float64)
-    x[0, -1, 0] = np.nan
-    return x
 
 
 # ---- shift ------------------------------------------------------------------------------------

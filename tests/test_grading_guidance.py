@@ -13,15 +13,7 @@ from tarflow_ref.grading.problems import TOY_CLASSES, toy_branches
 from tarflow_ref.grading.report import CheckFailed
 from tarflow_ref.guidance import Guidance, guide
 
-
-def not_implemented(*args):
-    raise NotImplementedError()
-
-
-def with_nan(x):
-    x = np.array(x, dtype=np.float64)
-    x.flat[-1] = np.nan
-    return x
+from conftest import not_implemented, with_nan
 
 
 # ---- guide ------------------------------------------------------------------------------------

@@ -14,17 +14,9 @@ from tarflow_ref.grading import likelihood as grading
 from tarflow_ref.grading.likelihood import check_bits_per_dim, check_dequantize, check_nll_per_dim
 from tarflow_ref.grading.report import CheckFailed
 
+from conftest import not_implemented, with_nan
+
 torch.set_num_threads(1)
-
-
-def not_implemented(*args):
-    raise NotImplementedError()
-
-
-def with_nan(x):
-    x = np.array(x, dtype=np.float64)
-    x.flat[-1] = np.nan
-    return x
 
 
 # ---- dequantize -------------------------------------------------------------------------------

@@ -4,6 +4,10 @@
     attention  assignment 01: check_softmax, check_causal_attention, check_decode
     flow       assignment 02: check_shift, check_flow_forward, check_flow_inverse
     jacobi     assignment 03: check_jacobi_update, check_jacobi_inverse, check_gs_jacobi_inverse
+    likelihood assignment 04: check_dequantize, check_nll_per_dim, check_bits_per_dim
+    guidance   assignment 05: check_guide, check_annealed_weight, check_guided_inverse
+    denoising  assignment 06: check_gaussian_score, check_tweedie, check_step_size,
+               check_denoise_with_loss_gradient
     course     release (student versions) and grade (points), the CLI's `assignments`
 """
 from .report import CheckFailed

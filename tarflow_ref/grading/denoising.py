@@ -47,19 +47,19 @@ Mistakes each check is built to catch (tests/test_grading_denoising.py writes ea
                         the step; ignoring lam; writing into x in place.
 every check             None, a wrong shape, NaN or inf.
 """
+import copy
 from functools import cache
 
 import numpy as np
 import torch
 from scipy.stats import norm
 
-from ..assets import bundled_checkpoint
 from ..backward import grad_log_prob
-from ..checkpoint import load_checkpoint, to_numpy
+from ..checkpoint import to_numpy
 from ..config import TarFlowConfig
-from ..data import load_digits_split, to_model_range
+from ..data import to_model_range
 from ..denoise import denoise, step_size as reference_step_size
-from .problems import TOY, random_params
+from .problems import TOY, bundled_digits, random_params
 from .report import CheckFailed, as_array, call_unchanged, expect_close, hint, passed, same
 
 # central differences of log N, a quadratic: no truncation error, rounding ~ 1e-16 |log N| / STEP
@@ -240,8 +240,8 @@ def loss_step_mistake(got, x, grad_loss, lam):
 def bundled_model():
     """(model, params, cfg, clean, labels): the bundled digits TarFlow in float64 (torch and NumPy
     parameters), and the 360 held-out digits, clean: [360, 1, 8, 8] in [-1, 1], labels: [360]."""
-    model = load_checkpoint(bundled_checkpoint()).double()
-    images, labels = load_digits_split("test")
+    model, images, labels = bundled_digits()
+    model = copy.deepcopy(model).double()
     return model, to_numpy(model), model.config, to_model_range(images).double().numpy(), labels
 
 

@@ -45,6 +45,7 @@ import numpy as np
 from scipy.stats import norm
 
 from .. import logdet as reference
+from .problems import bundled_digits
 from .report import CheckFailed, as_array, call_unchanged, expect_close, hint, passed, same
 
 LOG_128, LOG_2 = math.log(128), math.log(2)
@@ -214,18 +215,6 @@ def bits_mistake(got, z, logdet):
                  "dividing by log 2 (or add log2(128) = 7 bits after)"))
     return next((text for want, text in mistakes if same(got, want)),
                 "bits per dimension are (nll_per_dim(z, logdet) + log 128) / log 2, per sample")
-
-
-@lru_cache(maxsize=1)
-def bundled_digits():
-    """(model, images: [360, 1, 8, 8] uint8, labels: [360]): the bundled float32 digits model (as the
-    CLI runs it) and the held-out digits, loaded once."""
-    from ..assets import bundled_checkpoint
-    from ..checkpoint import load_checkpoint
-    from ..data import load_digits_split
-
-    images, labels = load_digits_split("test")
-    return load_checkpoint(bundled_checkpoint()).eval(), images, labels
 
 
 @lru_cache(maxsize=2)

@@ -10,6 +10,8 @@ block gives two such conditioners, the branches of classifier-free guidance (SPE
 f_cond with the class embedding of label y_i for sample i, f_uncond with the mean class embedding
 and the attention temperature tau_u.
 """
+from functools import cache
+
 import numpy as np
 
 from ..checkpoint import to_numpy
@@ -62,3 +64,16 @@ def toy_noise(seed: int = 0, batch: int = 2, cfg: TarFlowConfig = TOY):
     until it overflows (correctly, and uselessly for a check): each check names the seeds it uses,
     chosen so that the inverse and every iterate stay small."""
     return np.random.default_rng(seed).standard_normal((batch, cfg.tokens, cfg.token_dim))
+
+
+@cache
+def bundled_digits():
+    """(model, images: [360, 1, 8, 8] uint8, labels: [360]): the bundled digits TarFlow in float32
+    (as the CLI runs it) and the 360 held-out digits, loaded once. Shared: copy the model before
+    changing it (e.g. to float64)."""
+    from ..assets import bundled_checkpoint
+    from ..checkpoint import load_checkpoint
+    from ..data import load_digits_split
+
+    images, labels = load_digits_split("test")
+    return load_checkpoint(bundled_checkpoint()).eval(), images, labels
