@@ -123,6 +123,11 @@ def test_grading_scores_answers_and_restores_the_instructors_checks(tmp_path):
         "    # YOUR CODE HERE\n    raise NotImplementedError()", "    return int(a) + int(b)")
     assert points(grade(write(halves, tmp_path / "halves.ipynb"), key)) == {"check_add": 2, "check_more": 0}
 
+    demoted = instructor()
+    demoted.cells[3] = nbformat.v4.new_markdown_cell("assert True", metadata=demoted.cells[3].metadata)
+    scores = grade(write(demoted, tmp_path / "demoted.ipynb"), key)
+    assert points(scores) == {"check_add": 2, "check_more": 0} and "markdown" in scores[1].reason
+
     deleted = instructor()
     del deleted.cells[3]
     scores = grade(write(deleted, tmp_path / "deleted.ipynb"), key)

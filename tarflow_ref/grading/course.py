@@ -167,7 +167,9 @@ def grade(submission, instructor, timeout: int = 300) -> list[Score]:
             scores.append(Score(grade_id, 0.0, possible, "grade cell deleted"))
         elif stop is not None and where[grade_id] >= stop:
             scores.append(Score(grade_id, 0.0, possible, f"not finished: {why}"))
+        elif (cell := nb.cells[where[grade_id]]).cell_type != "code":
+            scores.append(Score(grade_id, 0.0, possible, f"the grade cell was made a {cell.cell_type} cell"))
         else:
-            earned, _ = determine_grade(nb.cells[where[grade_id]])
-            scores.append(Score(grade_id, earned, possible, "" if earned == possible else error_line(nb.cells[where[grade_id]])))
+            earned, _ = determine_grade(cell)
+            scores.append(Score(grade_id, earned, possible, "" if earned == possible else error_line(cell)))
     return scores
