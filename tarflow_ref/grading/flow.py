@@ -45,7 +45,8 @@ from einops import rearrange
 from ..flow import block_forward, block_inverse, shift as reference_shift
 from ..jacobi import affine_step
 from .problems import TOY, toy_conditioner, toy_noise
-from .report import CheckFailed, as_array, call_unchanged, expect_close, hint, passed, same
+from .report import (CheckFailed, as_array, as_pair, call_unchanged, expect_close, first_wrong_token, hint,
+                     passed, same)
 
 # (seed, batch, tokens): the whole toy block, an odd prefix with a larger batch, a single sample.
 # Seeds whose inverse of toy_noise stays bounded (|u| < 6): the random blocks of seeds 1-3 amplify
@@ -111,13 +112,8 @@ def check_flow_forward(fn):
 
 def forward_pair(name, fn, u, f):
     """(z, logdet) from fn(u, f), checked for type, shapes and finiteness."""
-    out = call_unchanged(name, fn, u=u, f=f)
-    if not isinstance(out, (tuple, list)) or len(out) != 2:
-        what = "None (a missing `return`?)" if out is None else type(out).__name__
-        raise CheckFailed(f"{name}: return the pair (z, logdet), got {what}")
-    z = as_array(f"{name}: z", out[0], u.shape)
-    logdet = as_array(f"{name}: logdet (one value per sample)", out[1], u.shape[:1])
-    return z, logdet
+    return as_pair(name, call_unchanged(name, fn, u=u, f=f), ("z", "logdet (one value per sample)"),
+                   (u.shape, u.shape[:1]))
 
 
 def finite_difference_jacobian(flow_forward, u, f, step=STEP):
@@ -178,10 +174,10 @@ def check_flow_inverse(fn):
                   "uses the conditioner's output at position t"):
             expect_close(f"{name}: token 0", u[:, 0], z[:, 0])
         back, _ = block_forward(pb, u, None, TOY, False)
-        wrong = [t for t in range(tokens) if not same(back[:, t], z[:, t])]
-        if wrong:
-            raise CheckFailed(f"{name}: the forward block maps your u back to z for tokens 0..{wrong[0] - 1} "
-                              f"only; {inverse_mistake(u, z, f, wrong[0])}")
+        wrong = first_wrong_token(back, z)
+        if wrong < tokens:
+            raise CheckFailed(f"{name}: the forward block maps your u back to z for tokens 0..{wrong - 1} "
+                              f"only; {inverse_mistake(u, z, f, wrong)}")
         expect_close(name, u, block_inverse(pb, z, None, TOY, False))
     passed("flow_inverse", "the forward block maps u back to z; matches the reference on 3 inputs "
            "(16, 7, 11 tokens)")

@@ -47,7 +47,8 @@ from ..flow import block_forward, block_inverse
 from ..guidance import Guidance, guide as reference_guide
 from ..jacobi import affine_step
 from .problems import TOY_CLASSES, toy_branches, toy_noise
-from .report import CheckFailed, as_array, call_unchanged, expect_close, hint, passed, same
+from .report import (CheckFailed, as_array, as_pair, call_unchanged, expect_close, first_wrong_token, hint,
+                     passed, same)
 
 # (seed, labels, T, guidance): block seed = noise seed; seeds 2 and 7 keep every guided and
 # unguided inverse of toy_noise below 6 in size. Annealed problems use all 16 tokens of the block.
@@ -59,14 +60,6 @@ PROBLEMS = (
 )
 # guide: arrays of these shapes ([B, n, D], and one step's [B, D]), each with a weight and `what`
 GUIDE_CASES = (((2, 5, 3), 1.5, "ab"), ((3, 2), 0.75, "a"), ((1, 7, 4), 2.0, "b"))
-
-
-def _pair(name, out, shape):
-    """(a, m) from a function that must return that pair, each a finite array of `shape`."""
-    if not isinstance(out, (tuple, list)) or len(out) != 2:
-        what = "None (a missing `return`?)" if out is None else type(out).__name__
-        raise CheckFailed(f"{name}: return the pair (a, m), got {what}")
-    return as_array(f"{name}: a", out[0], shape), as_array(f"{name}: m", out[1], shape)
 
 
 def _same_pair(got, want):
@@ -81,7 +74,8 @@ def check_guide(fn):
 
         def call(g, a_u=a_u, m_u=m_u):
             name = f"guide(a, m, a_u, m_u, g={g}, what='{what}') for arrays of shape {list(shape)}"
-            return name, _pair(name, call_unchanged(name, fn, a=a, m=m, a_u=a_u, m_u=m_u, g=g, what=what), shape)
+            out = call_unchanged(name, fn, a=a, m=m, a_u=a_u, m_u=m_u, g=g, what=what)
+            return name, as_pair(name, out, ("a", "m"), (shape, shape))
 
         name, off = call(0.0)
         if not _same_pair(off, (a, m)):
@@ -144,12 +138,6 @@ def _weight_mistake(got, t, T, g):
     return "use g (t + 1) / (T - 1)"
 
 
-def _first_wrong(got, want):
-    """The first token where got and want differ (T when none does)."""
-    ok = np.array([same(got[:, t], want[:, t]) for t in range(got.shape[1])])
-    return len(ok) if ok.all() else int(np.argmin(ok))
-
-
 def _step(x, z, f_cond, f_uncond, t, g_t, what):
     """Token t + 1 of a guided inverse from its decoded tokens x[:, :t + 1], both branches reading them."""
     a, m = (o[:, t] for o in f_cond(x[:, :t + 1]))
@@ -189,7 +177,7 @@ def _inverse(fn, name, z, f_cond, f_uncond, g, what, annealed):
 def _maps_back(name, x, z, pb, labels, why):
     """CheckFailed unless the reference forward block with the labels maps x back to z."""
     back, _ = block_forward(pb, x, np.asarray(labels), TOY_CLASSES, False)
-    n = _first_wrong(back, z)
+    n = first_wrong_token(back, z)
     if n < z.shape[1]:
         first = "token 0 must pass unchanged, x_0 = z_0" if n == 0 else \
             f"the forward block with label y maps your x back to z for tokens 0..{n - 1} only"
@@ -218,7 +206,7 @@ def check_guided_inverse(fn):
                 f"tau_u = {guidance.temperature}")
         x = _inverse(fn, name, z, f_cond, f_uncond, guidance.weight, guidance.what, guidance.annealed)
         want = block_inverse(pb, z, np.asarray(labels), TOY_CLASSES, False, guidance)
-        n = _first_wrong(x, want)
+        n = first_wrong_token(x, want)
         if n == 0:
             raise CheckFailed(f"{name}: token 0 must pass unchanged, x_0 = z_0")
         if n < T:

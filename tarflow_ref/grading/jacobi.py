@@ -41,14 +41,13 @@ from ..flow import block_inverse, conditioner, shift
 from ..jacobi import affine_step, block_inverse_gsj
 from ..strategy import BlockPlan
 from .problems import TOY, toy_conditioner, toy_noise
-from .report import CheckFailed, as_array, call_unchanged, expect_close, hint, passed
+from .report import CheckFailed, as_array, call_unchanged, expect_close, first_wrong_token, hint, passed
 
 # (conditioner seed, noise seed, B, T): the exact inverse and every Jacobi / GS-Jacobi iterate of
 # these stay below 5 in size, so a student's solver needs no guard against overflow
 PROBLEMS = ((0, 0, 2, 16), (6, 1, 3, 9), (7, 4, 1, 15))
 # (modules, iterations) per T; (4, 5) runs more iterations than a module of 4 tokens needs
 SPLITS = {16: ((4, 1), (2, 3), (8, 1), (1, 2), (4, 5)), 9: ((3, 1), (3, 2)), 15: ((5, 1), (3, 2))}
-RTOL, ATOL = 1e-8, 1e-10            # expect_close's tolerance, also for "this token is exact"
 
 
 def _problem(seed, noise_seed, batch, tokens):
@@ -62,13 +61,6 @@ def _solver(pb, z, modules, iterations):
     if iterations == 0:
         return z.copy()
     return block_inverse_gsj(pb, z, None, TOY, False, BlockPlan(modules, iterations))
-
-
-def _first_wrong(got, want):
-    """The first token t where got[:, t] and want[:, t] differ beyond the tolerance, or T when none
-    does (expect_close names the worst entry; a student needs the first wrong token)."""
-    ok = np.isclose(got, want, rtol=RTOL, atol=ATOL).all(axis=(0, 2))
-    return len(ok) if ok.all() else int(np.argmin(ok))
 
 
 def _count(n, word):
@@ -87,7 +79,7 @@ def _call(label, fn, shape, **args):
 def _expect(label, got, want, advice):
     """expect_close with advice in the student's terms appended to its message."""
     with hint(advice):
-        expect_close(label, got, want, RTOL, ATOL)
+        expect_close(label, got, want)
 
 
 def check_jacobi_update(jacobi_update):
@@ -97,8 +89,8 @@ def check_jacobi_update(jacobi_update):
         x = np.random.default_rng(100 + n).standard_normal(z.shape)    # an iterate unlike z
         label = f"jacobi_update(x, z, f) on B={B}, T={T}"
         F = _call(label, jacobi_update, z.shape, x=x, z=z, f=f)
-        if _first_wrong(F[:, :1], z[:, :1]) == 0:
-            kept_x = " (it is x_0)" if _first_wrong(F[:, :1], x[:, :1]) == 1 else ""
+        if first_wrong_token(F[:, :1], z[:, :1]) == 0:
+            kept_x = " (it is x_0)" if first_wrong_token(F[:, :1], x[:, :1]) == 1 else ""
             raise CheckFailed(f"{label}: token 0 must pass unchanged, F(x)_0 = z_0, but it is off by "
                               f"{_off_by(F, z, 0)}{kept_x}")
 
@@ -106,7 +98,7 @@ def check_jacobi_update(jacobi_update):
         moved = x.copy()
         moved[:, j] += 1.0
         F_moved = _call(label, jacobi_update, z.shape, x=moved, z=z, f=f)
-        t = _first_wrong(F_moved[:, :j + 1], F[:, :j + 1])
+        t = first_wrong_token(F_moved[:, :j + 1], F[:, :j + 1])
         if t <= j:
             later = "" if t == j else " (a later token)"
             raise CheckFailed(f"{label}: token {t} of F(x) changed when only x_{j} changed{later}; token t + 1 may "
@@ -136,20 +128,20 @@ def check_jacobi_inverse(jacobi_inverse):
         for k in (1, 2, 5, T - 1):
             label = f"jacobi_inverse(z, f, {k}) on B={B}, T={T}"
             x = _call(label, jacobi_inverse, z.shape, z=z, f=f, iterations=k)
-            n = _first_wrong(x, exact)
+            n = first_wrong_token(x, exact)
             if n < k + 1:
                 advice = (f"it equals {_count(k - 1, 'iteration')}: the loop runs one iteration too few"
-                        if _first_wrong(x, _solver(pb, z, 1, k - 1)) == T
+                        if first_wrong_token(x, _solver(pb, z, 1, k - 1)) == T
                         else "start from x^0 = z (token 0 exact from the start) and repeat x <- F(x)")
                 raise CheckFailed(f"{label}: after {_count(k, 'iteration')} tokens 0..{k} must equal the exact "
                                   f"inverse (the causal staircase), but token {n} is off by {_off_by(x, exact, n)}; "
                                   f"{advice}")
             want = _solver(pb, z, 1, k)
-            if _first_wrong(x, want) == T:
+            if first_wrong_token(x, want) == T:
                 continue
-            if _first_wrong(x, _solver(pb, z, 1, k + 1)) == T:
+            if first_wrong_token(x, _solver(pb, z, 1, k + 1)) == T:
                 advice = f"it equals {_count(k + 1, 'iteration')}: the loop runs one iteration too many"
-            elif n > _first_wrong(want, exact):
+            elif n > first_wrong_token(want, exact):
                 advice = (f"tokens 0..{n - 1} are exact already, more than {_count(k, 'Jacobi iteration')} can "
                         f"give: values updated within an iteration were used for later tokens (updating x in "
                         f"place, token by token, is Gauss-Seidel, i.e. the sequential sampler); Jacobi computes "
@@ -166,7 +158,7 @@ def _gs_hint(x, pb, z, modules, iterations, n):
     T = z.shape[1]
     M = T // modules
     s = n // M * M
-    if M != modules and _first_wrong(x, _solver(pb, z, M, iterations)) == T:
+    if M != modules and first_wrong_token(x, _solver(pb, z, M, iterations)) == T:
         return (f"it equals {_count(M, 'module')} of {modules} tokens: cut the T = {T} tokens into {modules} "
                 f"modules of T / {modules} = {_count(M, 'token')}")
     if M == 1:
@@ -188,7 +180,7 @@ def check_gs_jacobi_inverse(gs_jacobi_inverse):
                 want, what = exact, "the exact inverse (one token per module is the sequential sampler)"
             else:
                 want, what = _solver(pb, z, G, J), "the package's GS-Jacobi"
-            n = _first_wrong(x, want)
+            n = first_wrong_token(x, want)
             if n < T:
                 raise CheckFailed(f"{label}: token {n} is off by {_off_by(x, want, n)} from {what}; "
                                   f"{_gs_hint(x, pb, z, G, J, n)}")

@@ -45,6 +45,23 @@ def expect_close(name, got, want, rtol=1e-8, atol=1e-10):
     return got
 
 
+def as_pair(name, out, names, shapes):
+    """The two arrays of a function that must return a pair, e.g. (z, logdet): each checked by
+    as_array against its name and shape."""
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        what = "None (a missing `return`?)" if out is None else type(out).__name__
+        raise CheckFailed(f"{name}: return the pair ({', '.join(names)}), got {what}")
+    return tuple(as_array(f"{name}: {n}", o, shape) for n, o, shape in zip(names, out, shapes))
+
+
+def first_wrong_token(got, want, rtol=1e-8, atol=1e-10):
+    """The first token t (axis 1 of [B, T, ...] arrays) where got and want differ beyond
+    expect_close's tolerance, or T when none does: expect_close names the worst entry, while a
+    student of a token-by-token algorithm needs the first wrong token."""
+    ok = np.isclose(got, want, rtol=rtol, atol=atol).reshape(got.shape[0], got.shape[1], -1).all(axis=(0, 2))
+    return len(ok) if ok.all() else int(np.argmin(ok))
+
+
 def same(got, want, rtol=1e-8, atol=1e-10):
     """True when got matches want as expect_close would accept (to name a known mistake)."""
     try:
