@@ -16,6 +16,8 @@ turns those skips into failures.
 The reference picture `book/reference_page.png` (a page with equations and a figure) is made by
 `python tests/test_book.py --screenshot`.
 """
+import base64
+import fcntl
 import json
 import os
 import re
@@ -31,7 +33,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILD = ROOT / "book" / "_build" / "html"
+BUILD = Path(os.environ.get("TARFLOW_BOOK_HTML", ROOT / "book" / "_build" / "html")).resolve()  # another build to check
 SCREENSHOT_PAGE = "notebooks/01_patchify.html"
 SCREENSHOT = ROOT / "book" / "reference_page.png"
 
@@ -94,9 +96,10 @@ class Browser:
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
 
-        def give_pipe_fds():
-            os.dup2(to_browser_r, 3)
-            os.dup2(from_browser_w, 4)
+        def give_pipe_fds():  # in the child: the pipe ends become fds 3 and 4, kept across exec
+            high_r, high_w = (fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_browser_r, from_browser_w))
+            os.dup2(high_r, 3)
+            os.dup2(high_w, 4)
 
         self.process = subprocess.Popen([binary, *FLAGS, f"--user-data-dir={self.profile}"],
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -202,7 +205,7 @@ class Browser:
                                                      "{block: 'center'})"})
         time.sleep(0.5)
         data = self.send("Page.captureScreenshot", {"format": "png"})["data"]
-        Path(path).write_bytes(__import__("base64").b64decode(data))
+        Path(path).write_bytes(base64.b64decode(data))
 
 
 def outside(url, build):
@@ -248,7 +251,7 @@ def browser():
     if binary is None:
         skip_or_fail("no Chromium found (apt-get install chromium, or set CHROMIUM=/path/to/chrome)")
     if not (BUILD / "index.html").exists():
-        skip_or_fail(f"the book is not built ({BUILD.relative_to(ROOT)} is missing; run book/build.sh)")
+        skip_or_fail(f"the book is not built ({BUILD} is missing; run book/build.sh)")
     chromium = Browser(binary)
     yield chromium
     chromium.close()
