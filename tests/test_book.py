@@ -286,6 +286,22 @@ def test_every_page_typeset_with_figures_and_nothing_from_outside(browser):
     assert equations > 500 and figures >= 8
 
 
+def test_latex_source_is_named_after_the_project_and_defines_the_macros():
+    """The PDF route: `book/build.sh --builder latex` (CI runs it) writes a complete LaTeX file."""
+    tex = BUILD.parent / "latex" / "tarflow_ref.tex"
+    if not tex.exists():
+        skip_or_fail(f"no LaTeX build ({tex} is missing; run book/build.sh --builder latex)")
+    text = tex.read_text()
+    assert text.count("\\begin{document}") == 1 and text.rstrip().endswith("\\end{document}")
+    assert "\\title{tarflow\\_ref:" in text
+    sys.path.insert(0, str(ROOT / "book" / "_ext"))
+    from tarflow_book import MACROS
+    preamble = text[:text.index("\\begin{document}")]
+    for name, body in MACROS.items():
+        assert f"\\providecommand{{\\{name}}}{{{body}}}" in preamble
+        assert f"\\{name}" in text[len(preamble):], f"no page uses \\{name} any more"
+
+
 @pytest.fixture
 def planted(browser, tmp_path):
     """A copy of the build to plant failures in; returns (copy, check(page) -> problems)."""
