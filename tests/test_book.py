@@ -61,7 +61,8 @@ INSPECT = r"""
   const raw = [];
   const tex = /\\[()\[\]]|\$\$|\$[^$\s][^$]*\$|\\[A-Za-z]{2,}/;
   for (let node = walker.nextNode(); node; node = walker.nextNode()) {
-    if (!node.parentElement || node.parentElement.closest('head, script, style, pre, code, textarea, mjx-container')) { continue; }
+    const parent = node.parentElement;
+    if (!parent || parent.closest('head, script, style, pre, code, textarea, mjx-container')) { continue; }
     const match = node.textContent.match(tex);
     if (match) { raw.push(node.textContent.trim().slice(0, 80)); }
   }
