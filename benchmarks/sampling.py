@@ -7,7 +7,7 @@ configuration.
     python benchmarks/sampling.py --batch 32 --json out.json  # the released configurations (GPU)
 
 Columns: (a) textbook.inverse (per token, growing caches, two branch passes), (b) the engine
-(static caches, one batch of 2B, CUDA graphs on CUDA), (c) tarflow_ref.torch_backend.jacobi.sample_gsj
+(static caches, one batch of 2B, CUDA graphs on CUDA), (c) tarflow_ref.sample_gsj
 with the published strategy (or one found by auto_strategy for the small models), (d) one forward
 pass model(x, y) over the same batch, (e) the memory floor of any exact sequential sampler:
 tarflow_ref.traffic.sequential_traffic (weights once per step, plus the KV cache read and
@@ -43,9 +43,11 @@ from tarflow_ref import Guidance, TarFlow, TarFlowConfig, load_checkpoint
 from tarflow_ref.config import RELEASED_FILES
 from tarflow_ref.strategy import PRESETS
 from tarflow_ref.torch_backend import textbook
-from tarflow_ref.torch_backend.engine import Engine, autocast
-from tarflow_ref.torch_backend.jacobi import auto_strategy, sample_gsj
+from tarflow_ref.torch_backend.engine import Engine
+from tarflow_ref.torch_backend.jacobi import sample_gsj
 from tarflow_ref.torch_backend.model import randomize_
+from tarflow_ref.torch_backend.precision import autocast
+from tarflow_ref.torch_backend.strategy_search import auto_strategy
 from tarflow_ref.traffic import floor_seconds, sequential_traffic
 
 QUICK = TarFlowConfig(image_size=16, patch_size=2, channels=3, width=64, blocks=2, layers=2, num_classes=10,
@@ -147,7 +149,7 @@ def gs_jacobi(model, noise, y, guidance, strategy, bf16, timed):
         return None, "no published strategy"
     if strategy == "auto":
         strategy = auto_strategy(model, None if y is None else y[:4], guidance, batch=min(4, len(noise)))
-    _, seconds, _ = timed(lambda: sample_gsj(model, noise, y, strategy, guidance, bf16))
+    _, seconds, _ = timed(lambda: sample_gsj(model, noise, y, strategy, guidance, bf16=bf16))
     return seconds, str(strategy)
 
 
@@ -185,7 +187,7 @@ def run_config(name, built, batch, args, device, bandwidth):
     def textbook_run(steps, first=0):
         # a late window takes z's tokens 0..first as decoded ones: the cost does not depend on the values
         if steps is None:
-            return textbook.inverse(model, z, y, guidance, bf16)
+            return textbook.inverse(model, z, y, guidance, bf16=bf16)
         with autocast(device, bf16):
             return textbook.block_inverse(model.blocks[-1], z, y, guidance, steps=steps, first=first)
 

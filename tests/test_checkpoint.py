@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tarflow_ref import CheckpointError, download_release, load_checkpoint
-from tarflow_ref.checkpoint import config_from_state_dict
+from tarflow_ref.io.checkpoint import config_from_state_dict
 
 from conftest import SMALL_CONFIGS, make_model
 

@@ -3,7 +3,8 @@ and the cost formula on hand-counted cases."""
 import pytest
 
 from tarflow_ref import Guidance, TarFlowConfig
-from tarflow_ref.strategy import PRESETS, BlockPlan, Strategy, block_cost, parse_strategy
+from tarflow_ref.strategy import PRESETS, BlockPlan, Strategy, block_cost
+from tarflow_ref.strategy_text import parse_strategy
 
 AFHQ = TarFlowConfig.from_release_name("afhq_model_8_768_8_8_0.07.pth")              # T = 1024, N = 8
 P4 = TarFlowConfig.from_release_name("imagenet_model_4_1024_8_8_0.05.pth")           # T = 256

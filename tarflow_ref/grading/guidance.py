@@ -176,7 +176,7 @@ def _inverse(fn, name, z, f_cond, f_uncond, g, what, annealed):
 
 def _maps_back(name, x, z, pb, labels, why):
     """CheckFailed unless the reference forward block with the labels maps x back to z."""
-    back, _ = block_forward(pb, x, np.asarray(labels), TOY_CLASSES, False)
+    back, _ = block_forward(pb, x, np.asarray(labels), TOY_CLASSES)
     n = first_wrong_token(back, z)
     if n < z.shape[1]:
         first = "token 0 must pass unchanged, x_0 = z_0" if n == 0 else \
@@ -205,7 +205,7 @@ def check_guided_inverse(fn):
                 f"{guidance.annealed}) for z of shape {list(z.shape)}, labels {list(labels)}, "
                 f"tau_u = {guidance.temperature}")
         x = _inverse(fn, name, z, f_cond, f_uncond, guidance.weight, guidance.what, guidance.annealed)
-        want = block_inverse(pb, z, np.asarray(labels), TOY_CLASSES, False, guidance)
+        want = block_inverse(pb, z, np.asarray(labels), TOY_CLASSES, guidance)
         n = first_wrong_token(x, want)
         if n == 0:
             raise CheckFailed(f"{name}: token 0 must pass unchanged, x_0 = z_0")
