@@ -170,7 +170,8 @@ def run_config(name, built, batch, args, device, bandwidth):
     y = (torch.arange(batch) % cfg.num_classes).to(device) if cfg.conditional else None
     z = noise * model.var.sqrt()
     row = {"config": name, "tokens": T, "blocks": N, "width": cfg.width, "batch": batch, "dtype": args.dtype,
-           "device": device.type, "compiled": args.compile, "guidance": f"{guidance.weight} {guidance.what} tau_u={guidance.temperature}"}
+           "device": device.type, "compiled": args.compile,
+           "guidance": f"{guidance.weight} {guidance.what} tau_u={guidance.temperature}"}
 
     def prefix(limit):
         """(steps, extrapolation factor): a prefix of one block, or every step when limit is None."""
@@ -234,12 +235,14 @@ def fmt(seconds, approx=False):
 
 def table(rows):
     head = ["config", "T", "B", "dtype", "guidance", "(a) textbook s", "(b) engine s", "a/b", "(c) GS-Jacobi s",
-            "b/c", "(d) forward s", "b/d", "(e) memory floor s", "b/e", "a/e", "max|a-b|", "capture s", "peak MiB a / b"]
+            "b/c", "(d) forward s", "b/d", "(e) memory floor s", "b/e", "a/e", "max|a-b|", "capture s",
+            "peak MiB a / b"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         gsj = r["gs_jacobi_s"]
         peak = "n/a" if r["peak_mib_textbook"] is None else f"{r['peak_mib_textbook']:.0f} / {r['peak_mib_engine']:.0f}"
-        cells = [r["config"], r["tokens"], r["batch"], r["dtype"], r["guidance"], fmt(r["textbook_s"], r["textbook_steps"]),
+        cells = [r["config"], r["tokens"], r["batch"], r["dtype"], r["guidance"],
+                 fmt(r["textbook_s"], r["textbook_steps"]),
                  fmt(r["engine_s"], r["engine_steps"]), f"{r['textbook_s'] / r['engine_s']:.1f}x",
                  fmt(gsj) if gsj else f"n/a ({r['gs_jacobi_strategy']})",
                  f"{r['engine_s'] / gsj:.1f}x" if gsj else "n/a", fmt(r["forward_s"]),
@@ -277,11 +280,13 @@ def main(argv=None):
                         help="proj_out scale of the random weights (small keeps random samples finite)")
     parser.add_argument("--guidance", type=float, default=None,
                         help="guidance weight for every configuration, 0 = off (default: the published one)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (more threads on a busy machine only add waiting)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (more threads on a busy machine only add waiting)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: the process's CPU time (steadier on a shared machine; CPU runs with 1 thread only)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--compile", action="store_true", help="(b) with Engine(compile=True): torch.compile of the step")
+    parser.add_argument("--compile", action="store_true",
+                        help="(b) with Engine(compile=True): torch.compile of the step")
     parser.add_argument("--json", default=None,
                         help="also write the rows as JSON to this path (rewritten after every row)")
     args = parser.parse_args(argv)

@@ -23,9 +23,10 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from sampling import build, synchronize        # benchmarks/sampling.py, beside this script
 from tarflow_ref import Guidance
 from tarflow_ref.torch_backend.engine import Engine, engine_precision
+
+from sampling import build, synchronize  # benchmarks/sampling.py, beside this script
 
 
 def kernel_rows(prof, device):

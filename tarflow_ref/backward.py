@@ -30,8 +30,17 @@ token, H heads, d head width, N = T * D values per sample.
 import numpy as np
 from einops import rearrange
 
-from .attention import (LN_EPS, attention_weights, causal_attention, layer_norm, linear, normal_cdf,
-                        queries_keys_values, standardize, sub_params)
+from .attention import (
+    LN_EPS,
+    attention_weights,
+    causal_attention,
+    layer_norm,
+    linear,
+    normal_cdf,
+    queries_keys_values,
+    standardize,
+    sub_params,
+)
 from .flow import Block, block_forward, blocks, conditioner, hidden_states, permute, shift
 from .model import forward
 from .patchify import patchify, unpatchify

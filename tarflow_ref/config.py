@@ -73,7 +73,7 @@ class TarFlowConfig:
     def conditional(self) -> bool:
         return self.num_classes > 0
 
-    def replace(self, **changes) -> "TarFlowConfig":
+    def replace(self, **changes) -> TarFlowConfig:
         return replace(self, **changes)
 
     def file_name(self, dataset: str) -> str:
@@ -82,7 +82,7 @@ class TarFlowConfig:
         return f"{dataset}_model_{self.patch_size}_{self.width}_{self.blocks}_{self.layers}_{sigma:.2f}.pth"
 
     @classmethod
-    def from_release_name(cls, name: str) -> "TarFlowConfig":
+    def from_release_name(cls, name: str) -> TarFlowConfig:
         """The configuration of one of the five released files, from its name alone."""
         base = Path(name).name
         if base not in RELEASED_FILES:

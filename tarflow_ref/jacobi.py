@@ -52,25 +52,37 @@ def affine_step(u, a, m, clamp: bool):
     return np.where(np.isfinite(x), x, 0.0)
 
 
-def block_inverse_gsj(blk: Block, z, y, cfg, plan: BlockPlan, guidance: Guidance | None = None):
-    """Noise -> data for one block by GS-Jacobi. z: [B, T, D] (image order) -> x: [B, T, D]."""
+def solve_block(u, evaluate, plan: BlockPlan):
+    """GS-Jacobi inverse of one block in its token order. u: [B, T, D] (the block's output z).
+
+    evaluate(x_chunk: [B, n, D], start) -> (a, m): [B, n, D], the conditioner at positions
+    start..start+n-1, writing them into the block's KV caches. Returns x: [B, T, D].
+    """
     if plan.tol:
         raise ValueError("the reference runs every iteration: early stopping (tol > 0) is the fast path's "
                          "(torch_backend.jacobi)")
-    u = permute(z, blk.reverse)
     T = u.shape[1]
     plan.check(T)
     M = T // plan.modules
-    caches = branch_caches(cfg, len(u), u.dtype)
     x = initial_guess(u, plan.guess)
     for s in range(0, T, M):                                           # the modules in turn
         for _ in range(plan.module_iterations(T)):                     # Jacobi iterations inside one
-            a, m = guided_conditioner(blk, x[:, s:s + M - 1], y, cfg, s, caches, guidance)
+            a, m = evaluate(x[:, s:s + M - 1], s)
             x[:, s + 1:s + M] = affine_step(u[:, s + 1:s + M], a, m, plan.clamp)
         if s + M < T:                                                  # final cache rows, next module's x_s
-            a, m = guided_conditioner(blk, x[:, s:s + M], y, cfg, s, caches, guidance)
+            a, m = evaluate(x[:, s:s + M], s)
             x[:, s + M] = affine_step(u[:, s + M], a[:, -1], m[:, -1], plan.clamp)
-    return permute(x, blk.reverse)
+    return x
+
+
+def block_inverse_gsj(blk: Block, z, y, cfg, plan: BlockPlan, guidance: Guidance | None = None):
+    """Noise -> data for one block by GS-Jacobi. z: [B, T, D] (image order) -> x: [B, T, D]."""
+    u = permute(z, blk.reverse)
+    caches = branch_caches(cfg, len(u), u.dtype)
+
+    def evaluate(chunk, start):
+        return guided_conditioner(blk, chunk, y, cfg, start, caches, guidance)
+    return permute(solve_block(u, evaluate, plan), blk.reverse)
 
 
 def inverse_gsj(params, cfg, z, y=None, guidance: Guidance | None = None, *, strategy):

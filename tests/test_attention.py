@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tarflow_ref.attention import (KVCache, causal_attention, gelu, layer_norm, softmax, sub_params,
-                                   transformer_layer)
+from tarflow_ref.attention import KVCache, causal_attention, gelu, layer_norm, softmax, sub_params, transformer_layer
 from tarflow_ref.torch_backend.engine import KVCache as TorchKVCache
 
 from conftest import SMALL_CONFIGS, make_model

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import SMALL_CONFIGS, make_model
-from tarflow_ref import TarFlow, to_numpy
-from tarflow_ref import backward as bw
+from tarflow_ref import TarFlow, backward as bw, to_numpy
 from tarflow_ref.attention import softmax, sub_params
 from tarflow_ref.flow import block
 from tarflow_ref.logdet import nll_per_dim, prior_nll
 from tarflow_ref.model import forward
+
+from conftest import SMALL_CONFIGS, make_model
 
 PIECE_TOL = 1e-9
 MODEL_TOL = 1e-8

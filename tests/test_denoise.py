@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMALL_CONFIGS
 from tarflow_ref import TarFlow, denoise, load_checkpoint, to_numpy
 from tarflow_ref.assets import bundled_checkpoint
-from tarflow_ref.training.data import load_digits_split, to_model_range
 from tarflow_ref.denoising import denoise as np_denoise
+from tarflow_ref.training.data import load_digits_split, to_model_range
+
+from conftest import SMALL_CONFIGS
 
 SIGMA = 0.07
 

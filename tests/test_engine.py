@@ -7,12 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from tarflow_ref import Guidance
-from tarflow_ref import jacobi as np_jacobi
-from tarflow_ref import model as np_model
-from tarflow_ref.flow import block
-from tarflow_ref.flow import guided_conditioner as np_guided_conditioner
-from tarflow_ref.flow import new_caches as np_new_caches
+from tarflow_ref import Guidance, jacobi as np_jacobi, model as np_model
+from tarflow_ref.flow import block, guided_conditioner as np_guided_conditioner, new_caches as np_new_caches
 from tarflow_ref.strategy_text import parse_strategy
 from tarflow_ref.torch_backend import sampling, textbook
 from tarflow_ref.torch_backend.engine import Engine, KVCache, guided_conditioner, new_caches, span_ends, span_index

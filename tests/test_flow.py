@@ -12,8 +12,19 @@ import torch
 from torch.autograd.functional import jacobian
 
 from tarflow_ref import Guidance, model as np_model
-from tarflow_ref.flow import (Block, block, block_forward, block_inverse, blocks, class_embedding, conditioner,
-                              new_caches, permute, reverses, shift)
+from tarflow_ref.flow import (
+    Block,
+    block,
+    block_forward,
+    block_inverse,
+    blocks,
+    class_embedding,
+    conditioner,
+    new_caches,
+    permute,
+    reverses,
+    shift,
+)
 from tarflow_ref.guidance import guide, guided
 from tarflow_ref.patchify import patchify
 from tarflow_ref.torch_backend.engine import guided_conditioner, new_caches as torch_new_caches
@@ -85,7 +96,8 @@ def test_block_jacobian_is_lower_triangular_in_block_order(b):
     x = torch.from_numpy(tokens(cfg, 1, seed=b))
     y = torch.tensor([1])
     T, D = cfg.tokens, cfg.token_dim
-    J = jacobian(lambda v: torch_block(v, y)[0], x, vectorize=True).reshape(T, D, T, D)  # dz[t, i] / dx[s, j], image order
+    # dz[t, i] / dx[s, j], image order
+    J = jacobian(lambda v: torch_block(v, y)[0], x, vectorize=True).reshape(T, D, T, D)
     if b % 2:                                                            # into the block's (reversed) order
         J = J.flip(0).flip(2)
     with torch.no_grad():

@@ -14,8 +14,12 @@ import torch
 from tarflow_ref import TarFlow
 from tarflow_ref.config import TarFlowConfig
 from tarflow_ref.grading import denoising as grading
-from tarflow_ref.grading.denoising import (check_denoise_with_loss_gradient, check_gaussian_score, check_step_size,
-                                           check_tweedie)
+from tarflow_ref.grading.denoising import (
+    check_denoise_with_loss_gradient,
+    check_gaussian_score,
+    check_step_size,
+    check_tweedie,
+)
 from tarflow_ref.grading.report import CheckFailed
 
 from conftest import not_implemented, with_nan

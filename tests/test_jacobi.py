@@ -22,13 +22,11 @@ import torch
 
 import tarflow_ref.flow as flow
 import tarflow_ref.jacobi as jacobi
-from tarflow_ref import Guidance, TarFlowConfig, sample
-from tarflow_ref import model as np_model
+from tarflow_ref import Guidance, TarFlowConfig, model as np_model, sample
 from tarflow_ref.flow import Block, block, guided_conditioner, new_caches, permute
 from tarflow_ref.strategy import PRESETS, BlockPlan, Strategy, block_cost
 from tarflow_ref.strategy_text import parse_strategy
-from tarflow_ref.torch_backend import engine, sampling
-from tarflow_ref.torch_backend import jacobi as tj
+from tarflow_ref.torch_backend import engine, jacobi as tj, sampling
 from tarflow_ref.torch_backend.strategy_search import auto_strategy
 
 from conftest import SMALL_CONFIGS, make_model
@@ -186,7 +184,7 @@ def strategy_forms(cfg):
     """{name: strategy} covering every form: list and compact text, G = 1, G = T, both guesses, clamp."""
     T, N = cfg.tokens, cfg.blocks
     forms = {
-        "list": "G=" + str(([2, 0, 4] * N)[:N]) + " J=" + str(([3, 1, 2] * N)[:N]) + " guess=" + str(([1, 0, 1] * N)[:N]),
+        "list": f"G={([2, 0, 4] * N)[:N]} J={([3, 1, 2] * N)[:N]} guess={([1, 0, 1] * N)[:N]}",
         "G=1 guess 0": Strategy.uniform(N, 1, 2, 0),
         "G=1 guess 1 clamp": Strategy.uniform(N, 1, 3, 1, clamp=True),
         "G=T": Strategy.uniform(N, T, 1, 0),
@@ -212,7 +210,7 @@ def test_fast_path_equals_the_plain_reference_on_every_form(name, guidance):
     g = GUIDANCE[guidance]
     sequential = np_model.inverse(params, cfg, z, y, g)
     unconverged = 0
-    for form, strategy in strategy_forms(cfg).items():
+    for strategy in strategy_forms(cfg).values():
         want = assert_fast_equals_plain(cfg, model, params, z, y, ty, strategy, g)
         unconverged += rel_err(want, sequential) > 1e-6          # so that the comparison is not trivial
     assert unconverged >= 3

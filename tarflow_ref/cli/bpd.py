@@ -6,10 +6,12 @@ def add(commands, parents):
     p = commands.add_parser("bpd", parents=parents, help="bits per dimension of a checkpoint on a data set",
                             description="Bits per dimension (uniform dequantisation of 8-bit values; "
                                         "book/checkpoints.md, \"Bits per dimension\").")
-    p.add_argument("--data", default="digits", help="'digits' or a folder with one sub-folder per class (default: digits)")
+    p.add_argument("--data", default="digits",
+                   help="'digits' or a folder with one sub-folder per class (default: digits)")
     p.add_argument("--split", choices=["train", "test", "all"], default="test",
                    help="digits split (default: test, the 360 held-out images)")
-    p.add_argument("--unlabelled", action="store_true", help="score a conditional model without labels (mean class embedding)")
+    p.add_argument("--unlabelled", action="store_true",
+                   help="score a conditional model without labels (mean class embedding)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
     return p
 

@@ -44,7 +44,8 @@ def at_least_one(flag: str, value):
 def model_options() -> Parser:
     """--ckpt, --device, --seed, --threads: the flags of every command that loads a checkpoint."""
     model = Parser(add_help=False)
-    model.add_argument("--ckpt", type=Path, help="checkpoint file (released or trained); default: the bundled digits model")
+    model.add_argument("--ckpt", type=Path,
+                       help="checkpoint file (released or trained); default: the bundled digits model")
     model.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (default: cpu)")
     model.add_argument("--seed", type=int, default=0, help="random seed of the noise (default: 0)")
     model.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 for models of width "
@@ -62,7 +63,8 @@ def drawing_options() -> Parser:
                       "(default: the bundled model's recommended weight, else 0)")
     draw.add_argument("--guide-what", choices=["a", "b", "ab"], default="ab",
                       help="guide the log-scale (a), the shift (b) or both (default: ab)")
-    draw.add_argument("--annealed", action="store_true", help="anneal the guidance weight along the tokens: g (t+1)/(T-1)")
+    draw.add_argument("--annealed", action="store_true",
+                      help="anneal the guidance weight along the tokens: g (t+1)/(T-1)")
     draw.add_argument("--attn-temp", type=finite, default=1.0,
                       help="attention temperature of the unconditional branch (default: 1)")
     draw.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=True,

@@ -4,8 +4,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (CommandError, at_least_one, check_out, default_scale, denoiser, draw_images, drawing_guidance,
-                     labels_for, load_model, progress, save_grid)
+from .common import (
+    CommandError,
+    at_least_one,
+    check_out,
+    default_scale,
+    denoiser,
+    draw_images,
+    drawing_guidance,
+    labels_for,
+    load_model,
+    progress,
+    save_grid,
+)
 
 
 def add(commands, parents):

@@ -9,9 +9,11 @@ def add(commands, parents):
                             description="Train on the digits or an image folder; writes the checkpoint "
                                         "{dataset}_model_{P}_{C}_{blocks}_{layers}_{sigma}.pth and a .resume.pt "
                                         "beside it.")
-    p.add_argument("--data", default="digits", help="'digits' (scikit-learn, 8x8 grey) or a folder with one sub-folder per class")
+    p.add_argument("--data", default="digits",
+                   help="'digits' (scikit-learn, 8x8 grey) or a folder with one sub-folder per class")
     p.add_argument("--image-size", type=int, help="image size S for a folder (digits: 8)")
-    p.add_argument("--channels", type=int, choices=[1, 3], help="1 (grey) or 3 (RGB); default: 1 for digits, 3 for folders")
+    p.add_argument("--channels", type=int, choices=[1, 3],
+                   help="1 (grey) or 3 (RGB); default: 1 for digits, 3 for folders")
     p.add_argument("--patch", type=int, default=1, help="patch size P (default: 1)")
     p.add_argument("--width", type=int, default=64, help="model width C, a multiple of 64 (default: 64)")
     p.add_argument("--blocks", type=int, default=4, help="flow blocks (default: 4)")

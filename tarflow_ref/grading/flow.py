@@ -45,8 +45,7 @@ from einops import rearrange
 from ..flow import block_forward, block_inverse, shift as reference_shift
 from ..jacobi import affine_step
 from .problems import TOY, toy_conditioner, toy_noise
-from .report import (CheckFailed, as_array, as_pair, call_unchanged, expect_close, first_wrong_token, hint,
-                     passed, same)
+from .report import CheckFailed, as_array, as_pair, call_unchanged, expect_close, first_wrong_token, hint, passed, same
 
 # (seed, batch, tokens): the whole toy block, an odd prefix with a larger batch, a single sample.
 # Seeds whose inverse of toy_noise stays bounded (|u| < 6): the random blocks of seeds 1-3 amplify

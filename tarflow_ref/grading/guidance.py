@@ -47,8 +47,7 @@ from ..flow import block_forward, block_inverse
 from ..guidance import Guidance, guide as reference_guide
 from ..jacobi import affine_step
 from .problems import TOY_CLASSES, toy_branches, toy_noise
-from .report import (CheckFailed, as_array, as_pair, call_unchanged, expect_close, first_wrong_token, hint,
-                     passed, same)
+from .report import CheckFailed, as_array, as_pair, call_unchanged, expect_close, first_wrong_token, hint, passed, same
 
 # (seed, labels, T, guidance): block seed = noise seed; seeds 2 and 7 keep every guided and
 # unguided inverse of toy_noise below 6 in size. Annealed problems use all 16 tokens of the block.

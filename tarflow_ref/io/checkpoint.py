@@ -171,7 +171,8 @@ def download_release(name: str, *, repo_id: str = DEFAULT_HUB_REPO, cache_dir=No
         return Path(hf_hub_download(repo_id=repo_id, filename=name, cache_dir=cache_dir))
     except Exception as err:  # offline, unknown repo, HTTP errors: all end the same way for the user
         raise CheckpointError(f"could not download '{name}' from the hub repo '{repo_id}' "
-                              f"(offline?): {_first_line(err)}. Download it elsewhere and pass the local path.") from None
+                              f"(offline?): {_first_line(err)}. Download it elsewhere and pass the local path."
+                              ) from None
 
 
 def _unpickler_reason(err) -> str:
