@@ -222,7 +222,7 @@ class Engine:
     rounding. An experiment for the GPU (book/sampling_speed.md); off by default.
     """
 
-    def __init__(self, blocks, batch: int, guidance: Guidance | None = None, bf16: bool = False,
+    def __init__(self, blocks, batch: int, guidance: Guidance | None = None, bf16: bool = False, *,
                  graphs: bool | None = None, spans: int = SPANS, compile: bool = False):
         first = blocks[0]
         device, dtype = first.pos_embed.device, first.pos_embed.dtype
