@@ -3,10 +3,8 @@ torch model's state dict; the recipe's initialisation is the identity flow; weig
 it follow the same rule as torch_backend.model.randomize_, and make an invertible, non-trivial flow."""
 import numpy as np
 import pytest
-import torch
 
-from tarflow_ref import TarFlow, TarFlowConfig
-from tarflow_ref import model as np_model
+from tarflow_ref import TarFlow, TarFlowConfig, model as np_model
 from tarflow_ref.params import BUFFERS, away_from_init, init_params, random_params, randomize, shapes
 from tarflow_ref.patchify import patchify
 from tarflow_ref.torch_backend.model import randomize_
