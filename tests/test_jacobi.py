@@ -37,6 +37,7 @@ GUIDANCE = {
     "ab": Guidance(1.5, "ab"),
     "a-annealed": Guidance(2.0, "a", annealed=True),
     "b-tau": Guidance(0.8, "b", temperature=0.6),
+    "ab-annealed-tau": Guidance(1.5, "ab", annealed=True, temperature=0.6),
 }
 # eight blocks of 64 tokens: the published presets apply, and their J leave plain Jacobi unconverged
 EIGHT_BLOCKS = TarFlowConfig(image_size=8, patch_size=1, channels=1, width=16, blocks=8, layers=1, num_classes=3,
@@ -181,15 +182,14 @@ def test_the_reference_runs_every_iteration():
 # ---------------------------------------------------------------- the fast path equals the plain reference
 
 def strategy_forms(cfg):
-    """{name: strategy} covering every form: list and compact text, G = 1, G = T, both guesses, clamp."""
+    """{name: strategy} covering every form: list (with G = 0, the paper's spelling of G = T) and
+    compact text, G = 1, G = T, both guesses, clamp on and off."""
     T, N = cfg.tokens, cfg.blocks
     forms = {
-        "list": f"G={([2, 0, 4] * N)[:N]} J={([3, 1, 2] * N)[:N]} guess={([1, 0, 1] * N)[:N]}",
+        "list clamp": f"G={([2, 0, 4] * N)[:N]} J={([3, 1, 2] * N)[:N]} guess={([1, 0, 1] * N)[:N]} clamp",
         "G=1 guess 0": Strategy.uniform(N, 1, 2, 0),
         "G=1 guess 1 clamp": Strategy.uniform(N, 1, 3, 1, clamp=True),
         "G=T": Strategy.uniform(N, T, 1, 0),
-        "G=0 (sequential)": Strategy.uniform(N, 0, 1, 1),
-        "G=T/2 clamp": Strategy.uniform(N, T // 2, 1, 1, clamp=True),
     }
     if N > 1:
         forms["compact"] = f"[{N - 1}-4-2-3] guess=" + str([1] + [0] * (N - 1))
@@ -203,7 +203,7 @@ def assert_fast_equals_plain(cfg, model, params, z, y, ty, strategy, g):
     return want
 
 
-@pytest.mark.parametrize("guidance", ["none", "ab", "a-annealed", "b-tau"])
+@pytest.mark.parametrize("guidance", ["none", "ab-annealed-tau"])
 @pytest.mark.parametrize("name", NAMES)
 def test_fast_path_equals_the_plain_reference_on_every_form(name, guidance):
     cfg, model, params, z, (y, ty) = setup(name)
@@ -213,7 +213,7 @@ def test_fast_path_equals_the_plain_reference_on_every_form(name, guidance):
     for strategy in strategy_forms(cfg).values():
         want = assert_fast_equals_plain(cfg, model, params, z, y, ty, strategy, g)
         unconverged += rel_err(want, sequential) > 1e-6          # so that the comparison is not trivial
-    assert unconverged >= 3
+    assert unconverged >= 2
 
 
 @pytest.mark.parametrize("preset", sorted({p.name for p in PRESETS.values()}))
