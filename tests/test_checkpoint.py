@@ -1,4 +1,4 @@
-"""Strict, safe checkpoint loading (tarflow_ref/checkpoint.py; SPEC, "The released files").
+"""Strict, safe checkpoint loading (tarflow_ref/io/checkpoint.py; book/checkpoints.md, "State-dict keys and shapes").
 
 A checkpoint saved with torch.save(state_dict) loads back exactly with its configuration inferred
 from the tensor shapes (and sigma from a released-pattern name). Everything else fails with a
