@@ -7,7 +7,7 @@ configuration.
     python benchmarks/sampling.py --batch 32 --json out.json  # the released configurations (GPU)
 
 Columns: (a) textbook.inverse (per token, growing caches, two branch passes), (b) the engine
-(static caches, one batch of 2B, CUDA graphs on CUDA), (c) tarflow_ref.torch_backend.jacobi.sample_gsj
+(static caches, one batch of 2B, CUDA graphs on CUDA), (c) tarflow_ref.sample_gsj
 with the published strategy (or one found by auto_strategy for the small models), (d) one forward
 pass model(x, y) over the same batch, (e) the memory floor of any exact sequential sampler:
 tarflow_ref.traffic.sequential_traffic (weights once per step, plus the KV cache read and
@@ -43,9 +43,11 @@ from tarflow_ref import Guidance, TarFlow, TarFlowConfig, load_checkpoint
 from tarflow_ref.config import RELEASED_FILES
 from tarflow_ref.strategy import PRESETS
 from tarflow_ref.torch_backend import textbook
-from tarflow_ref.torch_backend.engine import Engine, autocast
-from tarflow_ref.torch_backend.jacobi import auto_strategy, sample_gsj
+from tarflow_ref.torch_backend.engine import Engine
+from tarflow_ref.torch_backend.jacobi import sample_gsj
 from tarflow_ref.torch_backend.model import randomize_
+from tarflow_ref.torch_backend.precision import autocast
+from tarflow_ref.torch_backend.strategy_search import auto_strategy
 from tarflow_ref.traffic import floor_seconds, sequential_traffic
 
 QUICK = TarFlowConfig(image_size=16, patch_size=2, channels=3, width=64, blocks=2, layers=2, num_classes=10,
@@ -147,7 +149,7 @@ def gs_jacobi(model, noise, y, guidance, strategy, bf16, timed):
         return None, "no published strategy"
     if strategy == "auto":
         strategy = auto_strategy(model, None if y is None else y[:4], guidance, batch=min(4, len(noise)))
-    _, seconds, _ = timed(lambda: sample_gsj(model, noise, y, strategy, guidance, bf16))
+    _, seconds, _ = timed(lambda: sample_gsj(model, noise, y, strategy, guidance, bf16=bf16))
     return seconds, str(strategy)
 
 
@@ -168,7 +170,8 @@ def run_config(name, built, batch, args, device, bandwidth):
     y = (torch.arange(batch) % cfg.num_classes).to(device) if cfg.conditional else None
     z = noise * model.var.sqrt()
     row = {"config": name, "tokens": T, "blocks": N, "width": cfg.width, "batch": batch, "dtype": args.dtype,
-           "device": device.type, "compiled": args.compile, "guidance": f"{guidance.weight} {guidance.what} tau_u={guidance.temperature}"}
+           "device": device.type, "compiled": args.compile,
+           "guidance": f"{guidance.weight} {guidance.what} tau_u={guidance.temperature}"}
 
     def prefix(limit):
         """(steps, extrapolation factor): a prefix of one block, or every step when limit is None."""
@@ -185,7 +188,7 @@ def run_config(name, built, batch, args, device, bandwidth):
     def textbook_run(steps, first=0):
         # a late window takes z's tokens 0..first as decoded ones: the cost does not depend on the values
         if steps is None:
-            return textbook.inverse(model, z, y, guidance, bf16)
+            return textbook.inverse(model, z, y, guidance, bf16=bf16)
         with autocast(device, bf16):
             return textbook.block_inverse(model.blocks[-1], z, y, guidance, steps=steps, first=first)
 
@@ -232,12 +235,14 @@ def fmt(seconds, approx=False):
 
 def table(rows):
     head = ["config", "T", "B", "dtype", "guidance", "(a) textbook s", "(b) engine s", "a/b", "(c) GS-Jacobi s",
-            "b/c", "(d) forward s", "b/d", "(e) memory floor s", "b/e", "a/e", "max|a-b|", "capture s", "peak MiB a / b"]
+            "b/c", "(d) forward s", "b/d", "(e) memory floor s", "b/e", "a/e", "max|a-b|", "capture s",
+            "peak MiB a / b"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         gsj = r["gs_jacobi_s"]
         peak = "n/a" if r["peak_mib_textbook"] is None else f"{r['peak_mib_textbook']:.0f} / {r['peak_mib_engine']:.0f}"
-        cells = [r["config"], r["tokens"], r["batch"], r["dtype"], r["guidance"], fmt(r["textbook_s"], r["textbook_steps"]),
+        cells = [r["config"], r["tokens"], r["batch"], r["dtype"], r["guidance"],
+                 fmt(r["textbook_s"], r["textbook_steps"]),
                  fmt(r["engine_s"], r["engine_steps"]), f"{r['textbook_s'] / r['engine_s']:.1f}x",
                  fmt(gsj) if gsj else f"n/a ({r['gs_jacobi_strategy']})",
                  f"{r['engine_s'] / gsj:.1f}x" if gsj else "n/a", fmt(r["forward_s"]),
@@ -275,11 +280,13 @@ def main(argv=None):
                         help="proj_out scale of the random weights (small keeps random samples finite)")
     parser.add_argument("--guidance", type=float, default=None,
                         help="guidance weight for every configuration, 0 = off (default: the published one)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (more threads on a busy machine only add waiting)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (more threads on a busy machine only add waiting)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: the process's CPU time (steadier on a shared machine; CPU runs with 1 thread only)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--compile", action="store_true", help="(b) with Engine(compile=True): torch.compile of the step")
+    parser.add_argument("--compile", action="store_true",
+                        help="(b) with Engine(compile=True): torch.compile of the step")
     parser.add_argument("--json", default=None,
                         help="also write the rows as JSON to this path (rewritten after every row)")
     args = parser.parse_args(argv)

@@ -6,7 +6,7 @@
 A replayed CUDA graph hides its kernels from the host, so this script measures two things side
 by side, at the same positions t0..t0+K-1 of the last sampled block (t0 = T/2 by default):
 
-  eager   K steps of the graph body (Engine.graph_step, the code the graphs record) under
+  eager   K steps of the graph body (Engine.graph_body: the step at the device position) under
           torch.profiler: every kernel, its count per step and its GPU time per step. Their sum
           is what the step costs if the GPU never waits between kernels.
   replay  K replays of the captured graphs (CUDA), wall clock per step.
@@ -23,9 +23,10 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from sampling import build, synchronize        # benchmarks/sampling.py, beside this script
 from tarflow_ref import Guidance
 from tarflow_ref.torch_backend.engine import Engine, engine_precision
+
+from sampling import build, synchronize  # benchmarks/sampling.py, beside this script
 
 
 def kernel_rows(prof, device):
@@ -48,12 +49,12 @@ def profile_steps(engine, b, start, steps):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
     with torch.no_grad(), engine_precision(engine.device, engine.bf16):
         engine.position.fill_(start)
-        engine.body(block, engine.span_for(start))                                  # warm, unprofiled
+        engine.graph_body(block, engine.position, engine.span_for(start))           # warm, unprofiled
         synchronize(engine.device)
         engine.position.fill_(start)
         with profile(activities=activities) as prof:
             for t in range(start, start + steps):
-                engine.body(block, engine.span_for(t))
+                engine.graph_body(block, engine.position, engine.span_for(t))
             synchronize(engine.device)
     return prof
 
@@ -66,7 +67,7 @@ def replay_seconds(engine, b, start, steps):
         synchronize(engine.device)
         started = time.perf_counter()
         for t in range(start, start + steps):
-            engine.run_step(b, t)
+            engine.decode(b, t)
         synchronize(engine.device)
     return (time.perf_counter() - started) / steps
 

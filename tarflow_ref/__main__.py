@@ -1,4 +1,4 @@
-"""`python -m tarflow_ref ...` runs the command line (cli.py)."""
+"""`python -m tarflow_ref ...` runs the command line (cli/)."""
 from .cli import main
 
 main()

@@ -1,6 +1,6 @@
 """Causal multi-head attention with a KV cache, and the transformer layer around it (NumPy).
 
-Zhai et al. 2024, Sec. 2.2; SPEC, "One flow block", step 3. With h: [B, n, C] the hidden states
+Zhai et al. 2024, Sec. 2.2; book/checkpoints.md, "One flow block". With h: [B, n, C] the hidden states
 of n consecutive tokens starting at position s:
 
     LN(h)     = (h - mean) / sqrt(var + 1e-5) * gamma + beta            (over the C axis)

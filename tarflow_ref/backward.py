@@ -1,6 +1,6 @@
 """Backward pass (vector-Jacobian products) of every piece of TarFlow, down to grad_x log p(x | y)
-(NumPy, float64; Zhai et al. 2024, Sec. 2.1-2.2 for the forward pieces, SPEC "Score denoising"
-for why the gradient is needed).
+(NumPy, float64; Zhai et al. 2024, Sec. 2.1-2.2 for the forward pieces, book/checkpoints.md,
+"Score denoising" for why the gradient is needed).
 
 For a piece y = f(x) and a cotangent g = dL/dy of any scalar L, the backward returns
 dL/dx = (dy/dx)^T g, with the same shape as x. Only gradients with respect to the INPUTS are
@@ -30,9 +30,18 @@ token, H heads, d head width, N = T * D values per sample.
 import numpy as np
 from einops import rearrange
 
-from .attention import (LN_EPS, attention_weights, causal_attention, layer_norm, linear, normal_cdf,
-                        queries_keys_values, standardize, sub_params)
-from .flow import block_forward, block_params, conditioner, hidden_states, permute, shift
+from .attention import (
+    LN_EPS,
+    attention_weights,
+    causal_attention,
+    layer_norm,
+    linear,
+    normal_cdf,
+    queries_keys_values,
+    standardize,
+    sub_params,
+)
+from .flow import Block, block_forward, blocks, conditioner, hidden_states, permute, shift
 from .model import forward
 from .patchify import patchify, unpatchify
 
@@ -125,7 +134,7 @@ def shift_backward(g):
     return np.concatenate([g[:, 1:], np.zeros_like(g[:, :1])], axis=1)
 
 
-def conditioner_backward(pb, u, y, cfg, reverse, g_a, g_m):
+def conditioner_backward(blk: Block, u, y, cfg, g_a, g_m):
     """Backward of `flow.conditioner` over all T tokens (block order). u: [B, T, D];
     g_a, g_m: [B, T, D] the cotangents of the raw (unshifted) a and m -> dL/du: [B, T, D].
 
@@ -134,14 +143,14 @@ def conditioner_backward(pb, u, y, cfg, reverse, g_a, g_m):
 
         g_{h_L} = [g_a, g_m] W_out,   g_{h_l} = layer_l'(h_l)^T g_{h_{l+1}},   dL/du = g_{h_0} W_in.
     """
-    hs = hidden_states(pb, u, y, cfg, reverse)                      # inputs of every layer (and the output)
-    g = linear_backward(np.concatenate([g_a, g_m], axis=-1), pb["proj_out.weight"])      # [B, T, C]
+    hs = hidden_states(blk, u, y, cfg)                              # inputs of every layer (and the output)
+    g = linear_backward(np.concatenate([g_a, g_m], axis=-1), blk.params["proj_out.weight"])  # [B, T, C]
     for l in reversed(range(cfg.layers)):
-        g = transformer_layer_backward(sub_params(pb, f"attn_blocks.{l}."), hs[l], g, cfg.heads)
-    return linear_backward(g, pb["proj_in.weight"])
+        g = transformer_layer_backward(sub_params(blk.params, f"attn_blocks.{l}."), hs[l], g, cfg.heads)
+    return linear_backward(g, blk.params["proj_in.weight"])
 
 
-def block_backward(pb, x, y, cfg, reverse, g_z, g_logdet):
+def block_backward(blk: Block, x, y, cfg, g_z, g_logdet):
     """Backward of `flow.block_forward`. x: [B, T, D] the block's input (image order);
     g_z: [B, T, D] the cotangent of z (image order), g_logdet: [B] that of the log-det -> dL/dx.
 
@@ -154,15 +163,15 @@ def block_backward(pb, x, y, cfg, reverse, g_z, g_logdet):
     then g_a, g_m go back through the shift and the transformer into u (conditioner_backward), and
     pi^-1 returns to the image order (the reversal is its own adjoint).
     """
-    u = permute(x, reverse)
-    a, m = (shift(o) for o in conditioner(pb, u, y, cfg, reverse))
+    u = permute(x, blk.reverse)
+    a, m = (shift(o) for o in conditioner(blk, u, y, cfg))
     scale = np.exp(-a)
     z = (u - m) * scale
-    g_zu = permute(g_z, reverse)
+    g_zu = permute(g_z, blk.reverse)
     g_a = -g_zu * z - g_logdet[:, None, None] / (a.shape[1] * a.shape[2])
     g_m = -g_zu * scale
-    g_u = g_zu * scale + conditioner_backward(pb, u, y, cfg, reverse, shift_backward(g_a), shift_backward(g_m))
-    return permute(g_u, reverse)
+    g_u = g_zu * scale + conditioner_backward(blk, u, y, cfg, shift_backward(g_a), shift_backward(g_m))
+    return permute(g_u, blk.reverse)
 
 
 def prior_nll_backward(z, g):
@@ -183,12 +192,13 @@ def model_backward(params, cfg, x, y, g_z, g_logdet):
     logdet = sum_b logdet_b, so every block receives the same g_logdet; g_z flows through the
     blocks in reverse order, each needing its own input, which one forward pass recomputes.
     """
+    flow_blocks = blocks(params, cfg)
     inputs = [patchify(x, cfg.patch_size)]                                            # block b's input
-    for b in range(cfg.blocks - 1):
-        inputs.append(block_forward(block_params(params, b), inputs[-1], y, cfg, reverse=b % 2 == 1)[0])
+    for blk in flow_blocks[:-1]:
+        inputs.append(block_forward(blk, inputs[-1], y, cfg)[0])
     g = g_z
-    for b in reversed(range(cfg.blocks)):
-        g = block_backward(block_params(params, b), inputs[b], y, cfg, b % 2 == 1, g, g_logdet)
+    for blk, x_b in reversed(list(zip(flow_blocks, inputs))):
+        g = block_backward(blk, x_b, y, cfg, g, g_logdet)
     return patchify_backward(g, cfg.patch_size, cfg.channels)
 
 

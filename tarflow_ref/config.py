@@ -2,11 +2,11 @@
 
 A TarFlow is fixed by: image size S, patch size P, channels c, model width C, number of flow
 blocks N, transformer layers per block L, number of classes K (0 = unconditional), head width d
-and the training noise sigma. Derived sizes (SPEC, "The released files"):
+and the training noise sigma. Derived sizes (book/checkpoints.md, "Files and names"):
 
     T = (S / P)^2   tokens          D = c * P^2   values per token        H = C / d   heads
 
-A released checkpoint stores no configuration: `checkpoint.config_from_state_dict` reads every
+A released checkpoint stores no configuration: `io.checkpoint.config_from_state_dict` reads every
 shape from the tensors, and sigma comes from a file name of the released pattern
 `{dataset}_model_{P}_{C}_{blocks}_{layers}_{sigma:.2f}.pth` when there is one.
 """
@@ -73,7 +73,7 @@ class TarFlowConfig:
     def conditional(self) -> bool:
         return self.num_classes > 0
 
-    def replace(self, **changes) -> "TarFlowConfig":
+    def replace(self, **changes) -> TarFlowConfig:
         return replace(self, **changes)
 
     def file_name(self, dataset: str) -> str:
@@ -82,7 +82,7 @@ class TarFlowConfig:
         return f"{dataset}_model_{self.patch_size}_{self.width}_{self.blocks}_{self.layers}_{sigma:.2f}.pth"
 
     @classmethod
-    def from_release_name(cls, name: str) -> "TarFlowConfig":
+    def from_release_name(cls, name: str) -> TarFlowConfig:
         """The configuration of one of the five released files, from its name alone."""
         base = Path(name).name
         if base not in RELEASED_FILES:

@@ -1,5 +1,5 @@
-"""Classifier-free guidance for the affine parameters of a flow block (SPEC, "Inverse"; Zhai et al.
-2024, Sec. 2.6).
+"""Classifier-free guidance for the affine parameters of a flow block (book/checkpoints.md, "Inverse,
+guidance and sampling"; Zhai et al. 2024, Sec. 2.6).
 
 At every decoding step the block is evaluated twice: the conditional branch (label y) gives the
 log-scale a and shift m, the unconditional branch (mean class embedding, attention temperature

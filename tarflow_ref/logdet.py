@@ -1,11 +1,11 @@
-"""Log-determinant, Gaussian prior and likelihood (SPEC, "Whole model" and "Bits per dimension";
+"""Log-determinant, Gaussian prior and likelihood (book/checkpoints.md, "Bits per dimension";
 Zhai et al. 2024, Sec. 2.1).
 
 A flow maps data x to noise z = f(x) with a standard normal prior, so by change of variables
 
     log p(x) = log N(z; 0, I) + log |det dz/dx|.
 
-Per dimension (N = T * D values per sample), with the SPEC's block log-det already a mean:
+Per dimension (N = T * D values per sample), with the block log-det already a mean (flow.py):
 
     NLL(x) / N = 0.5 mean(z^2) + 0.5 log(2 pi) - logdet                         (nats per dim)
     training loss = 0.5 mean(z^2) - mean_B(logdet)                             (constant dropped)

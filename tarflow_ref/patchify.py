@@ -1,4 +1,5 @@
-"""Patchify: an image becomes a sequence of tokens (SPEC, "Patches"; Zhai et al. 2024, Sec. 2.3).
+"""Patchify: an image becomes a sequence of tokens (book/checkpoints.md, "Patches and token order";
+Zhai et al. 2024, Sec. 2.3).
 
 The image x: [B, c, S, S] is cut into P x P patches, read in raster order over the patch grid
 (row by row). Each patch becomes one token of D = c * P^2 values, ordered channel first, then

@@ -1,6 +1,6 @@
 """The memory-traffic floor of exact sequential sampling: the bytes any sampler that decodes token
-by token with a KV cache must move between memory and the chip (SPEC, "Inverse"; Zhai et al. 2024,
-Sec. 2.2; book/sampling_speed.md, "The floor").
+by token with a KV cache must move between memory and the chip (book/checkpoints.md, "Inverse,
+guidance and sampling"; Zhai et al. 2024, Sec. 2.2; book/sampling_speed.md, "The floor").
 
 A block's inverse takes T - 1 steps, t = 0..T-2; step t pushes token t of R rows (R = 2B with
 guidance: both branches in one batch, R = B without) through the block and needs

@@ -1,4 +1,4 @@
-"""Layer norm, GELU, causal multi-head attention and the KV cache (SPEC, "One flow block", step 3),
+"""Layer norm, GELU, causal multi-head attention and the KV cache (book/checkpoints.md, "One flow block"),
 against hand computations and torch.nn.functional, NumPy and torch."""
 import math
 
@@ -7,9 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tarflow_ref.attention import (KVCache, causal_attention, gelu, layer_norm, softmax, sub_params,
-                                   transformer_layer)
-from tarflow_ref.torch_backend.sampling import KVCache as TorchKVCache
+from tarflow_ref.attention import KVCache, causal_attention, gelu, layer_norm, softmax, sub_params, transformer_layer
+from tarflow_ref.torch_backend.engine import KVCache as TorchKVCache
 
 from conftest import SMALL_CONFIGS, make_model
 
@@ -91,28 +90,27 @@ def test_attention_is_causal(layer):
 def test_numpy_attention_and_layer_match_torch(layer, temperature):
     p, block = layer
     h = hidden()
-    mask = torch.tril(torch.ones(16, 16, dtype=torch.bool))
     th = torch.from_numpy(h)
     att = sub_params(p, "attention.")
     ln = layer_norm(h, att["norm.weight"], att["norm.bias"])
     with torch.no_grad():
         np.testing.assert_allclose(causal_attention(att, ln, CFG.heads, temperature=temperature),
-                                   block.attention(th, mask, temperature=temperature).numpy(), rtol=1e-11, atol=1e-12)
+                                   block.attention(th, temperature=temperature).numpy(), rtol=1e-11, atol=1e-12)
         np.testing.assert_allclose(transformer_layer(p, h, CFG.heads, temperature=temperature),
-                                   block(th, mask, temperature=temperature).numpy(), rtol=1e-11, atol=1e-12)
+                                   block(th, temperature=temperature).numpy(), rtol=1e-11, atol=1e-12)
 
 
 def test_attention_bias_is_the_additive_causal_mask(layer):
-    """attention_bias: 0 where allowed, -inf elsewhere, in the queries' dtype; the layer gives the
-    same output with it as with the boolean rows."""
-    from tarflow_ref.torch_backend.model import attention_bias
+    """attention_bias (engine.py): 0 where allowed, -inf elsewhere, in the queries' dtype; the engine's
+    attention with it gives the layer's own causal attention."""
+    from tarflow_ref.torch_backend.engine import attend, attention_bias
     _, block = layer
     th = torch.from_numpy(hidden())
     allowed = torch.tril(torch.ones(16, 16, dtype=torch.bool))
     bias = attention_bias(allowed, th)
     assert bias.dtype == torch.float64 and torch.equal(bias == 0, allowed) and torch.isinf(bias[~allowed]).all()
     with torch.no_grad():
-        assert torch.equal(block(th, bias), block(th, allowed))
+        assert torch.equal(attend(block.attention, th, 0, TorchKVCache(16), 1.0, bias, None), block.attention(th))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert attention_bias(allowed, th.float()).dtype == torch.bfloat16     # what autocast's queries have
         assert attention_bias(allowed, th).dtype == torch.float64               # autocast leaves float64 alone
@@ -135,13 +133,12 @@ def test_numpy_kv_cache_decoding_equals_the_full_pass(layer, chunks):
 def test_torch_kv_cache_decoding_equals_the_masked_full_pass(layer, chunks):
     _, block = layer
     h = torch.from_numpy(hidden())
-    mask = torch.tril(torch.ones(16, 16, dtype=torch.bool))
     cache = TorchKVCache(16)
     with torch.no_grad():
-        full = block(h, mask)
+        full = block(h)
         parts, start = [], 0
         for n in chunks:
-            parts.append(block(h[:, start:start + n], mask[start:start + n], start, cache))    # the chunk's rows
+            parts.append(block(h[:, start:start + n], start, cache))
             start += n
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-12, atol=1e-12)
 
@@ -152,4 +149,4 @@ def test_a_later_position_without_a_cache_is_refused(layer):
     with pytest.raises(ValueError, match="needs the cache of the earlier tokens"):
         causal_attention(sub_params(p, "attention."), h, CFG.heads, start=3)
     with pytest.raises(ValueError, match="needs the cache of the earlier tokens"):
-        block.attention(torch.from_numpy(h), torch.ones(16, 16, dtype=torch.bool), start=3)
+        block.attention(torch.from_numpy(h), start=3)

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import SMALL_CONFIGS, make_model
-from tarflow_ref import TarFlow, to_numpy
-from tarflow_ref import backward as bw
+from tarflow_ref import TarFlow, backward as bw, to_numpy
 from tarflow_ref.attention import softmax, sub_params
-from tarflow_ref.flow import block_params
+from tarflow_ref.flow import block
 from tarflow_ref.logdet import nll_per_dim, prior_nll
 from tarflow_ref.model import forward
+
+from conftest import SMALL_CONFIGS, make_model
 
 PIECE_TOL = 1e-9
 MODEL_TOL = 1e-8
@@ -82,9 +82,8 @@ def test_causal_attention_backward(piece, temperature):
     cfg, model, params, h, rng = piece
     attention = copy.deepcopy(model.blocks[1].attn_blocks[1].attention)
     attention.norm = nn.Identity()                        # the NumPy piece takes layer-normed input
-    mask = model.blocks[1].attn_mask.bool()
     g = rng.normal(size=h.shape)
-    (ref,) = torch_vjp(lambda t: attention(t, mask, temperature=temperature), [h], [g])
+    (ref,) = torch_vjp(lambda t: attention(t, temperature=temperature), [h], [g])
     p = sub_params(params, "blocks.1.attn_blocks.1.attention.")
     assert rel_err(bw.causal_attention_backward(p, h, g, cfg.heads, temperature), ref) < PIECE_TOL
 
@@ -108,9 +107,9 @@ def test_mlp_backward(piece):
 @pytest.mark.parametrize("temperature", [1.0, 0.4])
 def test_transformer_layer_backward(piece, temperature):
     cfg, model, params, h, rng = piece
-    layer, mask = model.blocks[1].attn_blocks[0], model.blocks[1].attn_mask.bool()
+    layer = model.blocks[1].attn_blocks[0]
     g = rng.normal(size=h.shape)
-    (ref,) = torch_vjp(lambda t: layer(t, mask, temperature=temperature), [h], [g])
+    (ref,) = torch_vjp(lambda t: layer(t, temperature=temperature), [h], [g])
     p = sub_params(params, "blocks.1.attn_blocks.0.")
     assert rel_err(bw.transformer_layer_backward(p, h, g, cfg.heads, temperature), ref) < PIECE_TOL
 
@@ -156,12 +155,12 @@ def test_conditioner_and_block_backward(small, rng, kind):
     y = labels_for(cfg, 3, kind)
     g_a, g_m, g_z = rng.normal(size=(3,) + x.shape)
     g_ld = rng.normal(size=3)
-    for b, block in enumerate(model.blocks):
-        pb, reverse = block_params(params, b), b % 2 == 1
-        (ref,) = torch_vjp(lambda u: block.conditioner(u, torch_labels(y)), [x], [g_a, g_m])
-        assert rel_err(bw.conditioner_backward(pb, x, y, cfg, reverse, g_a, g_m), ref) < PIECE_TOL
-        (ref,) = torch_vjp(lambda t: block(t, torch_labels(y)), [x], [g_z, g_ld])
-        assert rel_err(bw.block_backward(pb, x, y, cfg, reverse, g_z, g_ld), ref) < PIECE_TOL
+    for b, torch_block in enumerate(model.blocks):
+        blk = block(params, b)
+        (ref,) = torch_vjp(lambda u: torch_block.conditioner(u, torch_labels(y)), [x], [g_a, g_m])
+        assert rel_err(bw.conditioner_backward(blk, x, y, cfg, g_a, g_m), ref) < PIECE_TOL
+        (ref,) = torch_vjp(lambda t: torch_block(t, torch_labels(y)), [x], [g_z, g_ld])
+        assert rel_err(bw.block_backward(blk, x, y, cfg, g_z, g_ld), ref) < PIECE_TOL
 
 
 def torch_log_prob(model, x, y):

@@ -11,12 +11,11 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from tarflow_ref import Guidance, TarFlowConfig, load_checkpoint, sample
+from tarflow_ref import Guidance, TarFlowConfig, denoise, load_checkpoint, sample
 from tarflow_ref.assets import BUNDLED_GUIDANCE, BUNDLED_NAME, bundled_checkpoint
-from tarflow_ref.bayes import classify
-from tarflow_ref.data import load_digits_split, to_model_range
-from tarflow_ref.torch_backend.denoise import denoise
-from tarflow_ref.train import evaluate_bpd
+from tarflow_ref.torch_backend.bayes import classify
+from tarflow_ref.training.data import load_digits_split, to_model_range
+from tarflow_ref.training.train import evaluate_bpd
 
 SAMPLE_THRESHOLD = 0.80
 BAYES_THRESHOLD = 0.85

@@ -1,4 +1,4 @@
-"""Strict, safe checkpoint loading (tarflow_ref/checkpoint.py; SPEC, "The released files").
+"""Strict, safe checkpoint loading (tarflow_ref/io/checkpoint.py; book/checkpoints.md, "State-dict keys and shapes").
 
 A checkpoint saved with torch.save(state_dict) loads back exactly with its configuration inferred
 from the tensor shapes (and sigma from a released-pattern name). Everything else fails with a
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tarflow_ref import CheckpointError, download_release, load_checkpoint
-from tarflow_ref.checkpoint import config_from_state_dict
+from tarflow_ref.io.checkpoint import config_from_state_dict
 
 from conftest import SMALL_CONFIGS, make_model
 
@@ -121,7 +121,8 @@ def test_shapes_that_describe_no_tarflow(tmp_path):
     with pytest.raises(CheckpointError, match=r"proj_in takes 8 values per token, which is neither 3\*P\^2 nor P\^2"):
         config_from_state_dict(state)
     state["blocks.0.proj_in.weight"] = torch.zeros(32, 12, 1)
-    with pytest.raises(CheckpointError, match=r"key 'blocks.0.proj_in.weight' has shape \[32, 12, 1\], expected 2 dimensions"):
+    message = r"key 'blocks.0.proj_in.weight' has shape \[32, 12, 1\], expected 2 dimensions"
+    with pytest.raises(CheckpointError, match=message):
         config_from_state_dict(state)
     state["blocks.0.proj_in.weight"] = torch.zeros(30, 12)
     state["blocks.0.pos_embed"] = torch.zeros(16, 30)
@@ -157,7 +158,8 @@ def test_truncated_checkpoint(saved, tmp_path):
     data = path.read_bytes()
     half = tmp_path / "half.pth"
     half.write_bytes(data[:len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"half.pth: not a readable checkpoint \(truncated or not a torch.save file\)"):
+    message = r"half.pth: not a readable checkpoint \(truncated or not a torch.save file\)"
+    with pytest.raises(CheckpointError, match=message):
         load_checkpoint(half)
 
 
@@ -221,7 +223,8 @@ NAME = "imagenet_model_4_1024_8_8_0.05.pth"
 
 def test_download_without_huggingface_hub(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)            # makes the import fail
-    with pytest.raises(CheckpointError, match=r"downloading needs the optional package huggingface_hub .*pass a local path"):
+    message = r"downloading needs the optional package huggingface_hub .*pass a local path"
+    with pytest.raises(CheckpointError, match=message):
         download_release(NAME)
 
 

@@ -17,10 +17,11 @@ from sklearn.linear_model import LogisticRegression
 
 from tarflow_ref import TarFlow, TarFlowConfig, load_checkpoint, sample
 from tarflow_ref.assets import bundled_checkpoint
-from tarflow_ref.cli import main, save_grid
-from tarflow_ref.data import load_digits_split, load_image_folder, to_model_range
+from tarflow_ref.cli import main
+from tarflow_ref.cli.common import save_grid
 from tarflow_ref.torch_backend.model import randomize_
-from tarflow_ref.train import evaluate_bpd, save_model
+from tarflow_ref.training.data import load_digits_split, load_image_folder, to_model_range
+from tarflow_ref.training.train import evaluate_bpd, save_model
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

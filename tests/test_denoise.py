@@ -1,4 +1,4 @@
-"""Score denoising (SPEC, "Score denoising"): the NumPy step equals the released formula
+"""Score denoising (book/checkpoints.md, "Score denoising"): the NumPy step equals the released formula
 x - lambda grad_x loss computed by torch autograd; the torch denoiser equals NumPy in float64 for
 every chunking; the identity flow gives Tweedie's analytic answer; the bundled digits model
 really removes noise from held-out digits; a full-size configuration denoises in bounded memory."""
@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMALL_CONFIGS
-from tarflow_ref import TarFlow, load_checkpoint, to_numpy
+from tarflow_ref import TarFlow, denoise, load_checkpoint, to_numpy
 from tarflow_ref.assets import bundled_checkpoint
-from tarflow_ref.data import load_digits_split, to_model_range
-from tarflow_ref.denoise import denoise as np_denoise
-from tarflow_ref.torch_backend.denoise import denoise
+from tarflow_ref.denoising import denoise as np_denoise
+from tarflow_ref.training.data import load_digits_split, to_model_range
+
+from conftest import SMALL_CONFIGS
 
 SIGMA = 0.07
 
@@ -166,8 +166,7 @@ def test_bundled_model_denoises_held_out_digits():
 
 FULLSIZE_SCRIPT = textwrap.dedent('''
     import sys, torch
-    from tarflow_ref import TarFlow, TarFlowConfig
-    from tarflow_ref.torch_backend.denoise import denoise
+    from tarflow_ref import TarFlow, TarFlowConfig, denoise
     torch.set_num_threads(2)
 
     def gib(key):

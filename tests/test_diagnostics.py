@@ -1,13 +1,16 @@
-"""IGM, CRM and traces (tarflow_ref/diagnostics.py) against independent routes and analytic cases."""
+"""IGM, CRM (tarflow_ref/diagnostics.py, torch_backend/diagnostics.py) and the traces of the GS-Jacobi
+fast path (torch_backend/jacobi.py) against independent routes and analytic cases."""
 import numpy as np
 import pytest
 import torch
 
 from tarflow_ref import jacobi
-from tarflow_ref.diagnostics import Trace, block_metrics, diagnose, diagnose_torch, igm
-from tarflow_ref.flow import block_forward, block_params, conditioner, permute, shift
+from tarflow_ref.diagnostics import block_metrics, diagnose, igm
+from tarflow_ref.flow import block, block_forward, blocks, conditioner, permute, shift
 from tarflow_ref.patchify import patchify
 from tarflow_ref.strategy import BlockPlan
+from tarflow_ref.torch_backend import jacobi as tj
+from tarflow_ref.torch_backend.diagnostics import diagnose_torch
 
 from conftest import SMALL_CONFIGS, make_model
 
@@ -24,8 +27,8 @@ def setup(name, seed=4, batch=3):
 def chain(params, cfg, images, y):
     """(block input, block output) in IMAGE order for every forward block b."""
     z, pairs = patchify(images, cfg.patch_size), []
-    for b in range(cfg.blocks):
-        out, _ = block_forward(block_params(params, b), z, y, cfg, b % 2 == 1)
+    for blk in blocks(params, cfg):
+        out, _ = block_forward(blk, z, y, cfg)
         pairs.append((z, out))
         z = out
     return pairs
@@ -38,7 +41,7 @@ def test_igm_is_the_residual_of_one_jacobi_iteration(name):
     d = diagnose(params, cfg, images, y)
     for b, (x, z) in enumerate(chain(params, cfg, images, y)):
         for guess in (0, 1):
-            x1 = jacobi.block_inverse_gsj(block_params(params, b), z, y, cfg, b % 2 == 1, BlockPlan(1, 1, guess))
+            x1 = jacobi.block_inverse_gsj(block(params, b), z, y, cfg, BlockPlan(1, 1, guess))
             assert d.igm[b, guess] == pytest.approx(np.linalg.norm((x1 - x).mean(0)), rel=1e-12)
     assert d.igm.shape == (cfg.blocks, 2) and d.igm.min() > 1e-3
 
@@ -46,9 +49,9 @@ def test_igm_is_the_residual_of_one_jacobi_iteration(name):
 def test_igm_vanishes_at_the_fixed_point():
     cfg, _, params, images, y = setup("cond-even-P2")
     x, z = chain(params, cfg, images, y)[1]
-    pb, reverse = block_params(params, 1), True
-    u, out = permute(x, reverse), permute(z, reverse)
-    a, m = conditioner(pb, u, y, cfg, reverse)
+    blk = block(params, 1)
+    u, out = permute(x, blk.reverse), permute(z, blk.reverse)
+    a, m = conditioner(blk, u, y, cfg)
     assert igm(u, out, shift(a), shift(m)) < 1e-13
     assert igm(u, out, shift(a), shift(m) + 1e-3) > 1e-4      # and it is not blind
 
@@ -89,31 +92,31 @@ def test_torch_and_numpy_diagnostics_agree(name):
 def test_block_metrics_takes_the_guesses_in_strategy_order():
     cfg, _, params, images, y = setup("cond-even-P2")
     x, z = chain(params, cfg, images, y)[0]
-    pb = block_params(params, 0)
+    blk = block(params, 0)
     seen = []
 
     def evaluate(tokens):
         seen.append(tokens.copy())
-        return conditioner(pb, tokens, y, cfg, False)
-    block_metrics(x, z, evaluate, pb["proj_out.weight"])
+        return conditioner(blk, tokens, y, cfg)
+    block_metrics(x, z, evaluate, blk.params["proj_out.weight"])
     assert np.array_equal(seen[0], x) and np.array_equal(seen[1], z)                 # a(x), guess 0: z
     assert np.array_equal(seen[2][:, 0], z[:, 0]) and not seen[2][:, 1:].any()      # guess 1: [z_0, 0..]
 
 
 def test_trace_residuals_are_norms_of_iterate_differences():
-    cfg, _, params, images, y = setup("cond-even-P2")
+    cfg, model, params, images, y = setup("cond-even-P2")
     x, z = chain(params, cfg, images, y)[0]
     B, T, D = z.shape
     plan = BlockPlan(2, 5)
-    trace = Trace(keep_iterates=True)
-    jacobi.block_inverse_gsj(block_params(params, 0), z, y, cfg, False, plan, record=trace.block(0, plan))
+    trace = tj.Trace(keep_iterates=True)
+    tj.block_inverse_gsj(model.blocks[0], torch.from_numpy(z), torch.from_numpy(y), plan, record=trace.block(0, plan))
     M = T // 2
     assert trace.iterations(0) == [5, 5]
     for i in range(2):
-        iterates = trace.iterates[(0, i)]
+        iterates = [it.numpy() for it in trace.iterates[(0, i)]]
         assert all(it.shape == (B, M, D) for it in iterates)
         for k in range(1, 5):
             step = np.linalg.norm(iterates[k] - iterates[k - 1]) / (B * D)
             assert trace.residuals[(0, i)][k] == pytest.approx(step, rel=1e-12)
-    first = np.linalg.norm(trace.iterates[(0, 0)][0] - z[:, :M]) / (B * D)          # from x0 = z
+    first = np.linalg.norm(trace.iterates[(0, 0)][0].numpy() - z[:, :M]) / (B * D)  # from x0 = z
     assert trace.residuals[(0, 0)][0] == pytest.approx(first, rel=1e-12)

@@ -7,14 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from tarflow_ref import Guidance
-from tarflow_ref import jacobi as np_jacobi
-from tarflow_ref import model as np_model
-from tarflow_ref.flow import block_params, guided_conditioner as np_guided_conditioner
-from tarflow_ref.flow import new_caches as np_new_caches
-from tarflow_ref.strategy import parse_strategy
+from tarflow_ref import Guidance, jacobi as np_jacobi, model as np_model
+from tarflow_ref.flow import block, guided_conditioner as np_guided_conditioner, new_caches as np_new_caches
+from tarflow_ref.strategy_text import parse_strategy
 from tarflow_ref.torch_backend import sampling, textbook
-from tarflow_ref.torch_backend.engine import Engine, KVCache, span_ends, span_index
+from tarflow_ref.torch_backend.engine import Engine, KVCache, guided_conditioner, new_caches, span_ends, span_index
 from tarflow_ref.torch_backend.jacobi import sample_gsj
 
 from conftest import SMALL_CONFIGS, make_model
@@ -129,13 +126,13 @@ def test_bfloat16_needs_a_float32_model():
 
 
 def graph_bodies(engine, b, noise, span_of):
-    """Decode block b eagerly with Engine.graph_step (what the CUDA graphs record), step t reading
-    span_of(t) cache slots; returns the block's output."""
+    """Decode block b eagerly with Engine.step at the device position (what the CUDA graphs record),
+    step t reading span_of(t) cache slots; returns the block's output."""
     engine.load(b, noise)
     with torch.no_grad():
         for t in range(engine.u.shape[1] - 1):
             assert int(engine.position) == t
-            engine.graph_step(engine.blocks[b], span_of(t))
+            engine.step(engine.blocks[b], engine.position, span_of(t))
     return engine.blocks[b].permute(engine.x)
 
 
@@ -143,7 +140,7 @@ def graph_bodies(engine, b, noise, span_of):
 @pytest.mark.parametrize("b", [0, 1])
 @pytest.mark.parametrize("spans", [1, 3, 16])
 def test_graph_body_run_eagerly_equals_the_eager_engine(b, guide, spans):
-    """Engine.graph_step is what the CUDA graphs record: positions come from a device tensor, the
+    """Engine.step at the device position is what the CUDA graphs record: positions come from a device tensor, the
     attention reads the graph's span of cache slots through the mask. Run eagerly with the span
     the engine would replay at each step, it decodes the same block."""
     cfg, model, _, noise, y = setup("cond-even-P2")
@@ -248,18 +245,18 @@ def test_guided_conditioner_on_chunks_rewritten_like_jacobi(guide):
     new tokens (a Jacobi iteration), give the guided a, m of the NumPy reference for the latest tokens."""
     cfg, model, params, noise, y = setup("cond-even-P2")
     b, g = 1, GUIDANCE[guide]
-    pb, block = block_params(params, b), model.blocks[b]
-    x = block.permute(noise)
-    caches = sampling.new_caches(block, cfg.tokens)
+    blk, torch_block = block(params, b), model.blocks[b]
+    x = torch_block.permute(noise)
+    caches = new_caches(torch_block, cfg.tokens)
     np_caches = (np_new_caches(cfg, len(x)), np_new_caches(cfg, len(x)))
     ny = y.numpy()
     start = 0
     with torch.no_grad():
         for n in [3, 1, 5, 4, 3]:
             chunk = x[:, start:start + n]
-            sampling.guided_conditioner(block, chunk * 0.5, y, start, caches, g)      # a first iterate
-            a, m = sampling.guided_conditioner(block, chunk, y, start, caches, g)       # overwritten
-            want_a, want_m = np_guided_conditioner(pb, chunk.numpy(), ny, cfg, True, start, np_caches, g)
+            guided_conditioner(torch_block, chunk * 0.5, y, start, caches, g)      # a first iterate
+            a, m = guided_conditioner(torch_block, chunk, y, start, caches, g)       # overwritten
+            want_a, want_m = np_guided_conditioner(blk, chunk.numpy(), ny, cfg, start, np_caches, g)
             np.testing.assert_allclose(a.numpy(), want_a, rtol=1e-11, atol=1e-12)
             np.testing.assert_allclose(m.numpy(), want_m, rtol=1e-11, atol=1e-12)
             start += n
@@ -271,7 +268,7 @@ def test_gs_jacobi_on_the_engine_equals_numpy_gs_jacobi(guide):
     strategy = parse_strategy("G=[4,1] J=[3,5] guess=[0,1]", cfg)
     g = GUIDANCE[guide]
     fast = sample_gsj(model, noise, y, strategy, g)
-    reference = np_jacobi.sample_gsj(params, cfg, noise.numpy(), y.numpy(), strategy, g)
+    reference = np_model.sample(params, cfg, noise.numpy(), y.numpy(), g, sampler=np_jacobi.gs_jacobi(strategy))
     np.testing.assert_allclose(fast.numpy(), reference, rtol=0, atol=1e-10 * np.abs(reference).max())
     # few iterations: GS-Jacobi is not yet the sequential inverse, so the comparison is not trivial
     assert relative_error(fast, sampling.sample(model, noise, y, g)) > 1e-6

@@ -1,4 +1,5 @@
-"""The affine autoregressive flow block (SPEC, "One flow block", "Inverse"), its labels and guidance.
+"""The affine autoregressive flow block (book/checkpoints.md, "One flow block", "Inverse, guidance and
+sampling"), its labels and guidance.
 
 Properties: inverse(forward(x)) = x; KV-cache decoding of the conditioner equals the masked full
 pass; one block's Jacobian is lower-triangular over tokens in the block's order with diagonal
@@ -11,12 +12,24 @@ import torch
 from torch.autograd.functional import jacobian
 
 from tarflow_ref import Guidance, model as np_model
-from tarflow_ref.flow import (block_forward, block_inverse, block_params, check_labels, class_embedding,
-                              conditioner, new_caches, permute, shift)
+from tarflow_ref.flow import (
+    Block,
+    block,
+    block_forward,
+    block_inverse,
+    blocks,
+    class_embedding,
+    conditioner,
+    new_caches,
+    permute,
+    reverses,
+    shift,
+)
 from tarflow_ref.guidance import guide, guided
 from tarflow_ref.patchify import patchify
-from tarflow_ref.torch_backend import inverse as torch_inverse
-from tarflow_ref.torch_backend.sampling import guided_conditioner, new_caches as torch_new_caches
+from tarflow_ref.torch_backend.engine import guided_conditioner, new_caches as torch_new_caches
+from tarflow_ref.torch_backend.sampling import inverse as torch_inverse
+from tarflow_ref.validation import check_labels
 
 from conftest import SMALL_CONFIGS, make_model
 
@@ -57,19 +70,19 @@ def test_torch_inverse_of_forward(small, rng):
 def test_conditioner_kv_cache_equals_the_full_pass(b, chunks):
     cfg = SMALL_CONFIGS["cond-even-P2"]
     model, params = make_model(cfg, seed=3)
-    pb, block, reverse = block_params(params, b), model.blocks[b], b % 2 == 1
+    blk, torch_block = block(params, b), model.blocks[b]
     u, y = tokens(cfg, 2), np.array([3, -1])
-    full_a, full_m = conditioner(pb, u, y, cfg, reverse)
+    full_a, full_m = conditioner(blk, u, y, cfg)
     tu, ty = torch.from_numpy(u), torch.from_numpy(y)
-    caches, torch_caches = new_caches(cfg, 2), torch_new_caches(block, cfg.tokens)
+    caches, torch_caches = new_caches(cfg, 2), torch_new_caches(torch_block, cfg.tokens)
     start = 0
     with torch.no_grad():
-        torch_full = block.conditioner(tu, ty)
+        torch_full = torch_block.conditioner(tu, ty)
         for n in chunks:
-            a, m = conditioner(pb, u[:, start:start + n], y, cfg, reverse, start, caches)
+            a, m = conditioner(blk, u[:, start:start + n], y, cfg, start, caches)
             np.testing.assert_allclose(a, full_a[:, start:start + n], rtol=1e-11, atol=1e-12)
             np.testing.assert_allclose(m, full_m[:, start:start + n], rtol=1e-11, atol=1e-12)
-            ta, tm = guided_conditioner(block, tu[:, start:start + n], ty, start, torch_caches, None)
+            ta, tm = guided_conditioner(torch_block, tu[:, start:start + n], ty, start, torch_caches, None)
             torch.testing.assert_close(ta, torch_full[0][:, start:start + n], rtol=1e-11, atol=1e-12)
             torch.testing.assert_close(tm, torch_full[1][:, start:start + n], rtol=1e-11, atol=1e-12)
             start += n
@@ -79,21 +92,29 @@ def test_conditioner_kv_cache_equals_the_full_pass(b, chunks):
 def test_block_jacobian_is_lower_triangular_in_block_order(b):
     cfg = SMALL_CONFIGS["cond-even-P2"].replace(image_size=4)           # T = 4, D = 12
     model, _ = make_model(cfg, seed=5)
-    block = model.blocks[b]
+    torch_block = model.blocks[b]
     x = torch.from_numpy(tokens(cfg, 1, seed=b))
     y = torch.tensor([1])
     T, D = cfg.tokens, cfg.token_dim
-    J = jacobian(lambda v: block(v, y)[0], x, vectorize=True).reshape(T, D, T, D)  # dz[t, i] / dx[s, j], image order
+    # dz[t, i] / dx[s, j], image order
+    J = jacobian(lambda v: torch_block(v, y)[0], x, vectorize=True).reshape(T, D, T, D)
     if b % 2:                                                            # into the block's (reversed) order
         J = J.flip(0).flip(2)
     with torch.no_grad():
-        a = block.conditioner(block.permute(x), y)[0][0]                 # [T, D] raw, before the shift
+        a = torch_block.conditioner(torch_block.permute(x), y)[0][0]                 # [T, D] raw, before the shift
     for t in range(T):
         for s in range(t + 1, T):
             assert J[t, :, s].abs().max() < 1e-14, f"z_{t} depends on the later token {s}"
         scale = torch.ones(D, dtype=x.dtype) if t == 0 else torch.exp(-a[t - 1])
         torch.testing.assert_close(J[t, :, t], torch.diag(scale), rtol=1e-12, atol=1e-14)
     assert J[T - 1, :, 0].abs().max() > 1e-3                              # not merely diagonal
+
+
+def test_one_rule_orders_the_blocks_of_both_backends(small):
+    _, cfg, model, params = small
+    odd_reversed = [b % 2 == 1 for b in range(cfg.blocks)]                # the released layout
+    assert [reverses(b) for b in range(cfg.blocks)] == odd_reversed
+    assert [blk.reverse for blk in blocks(params, cfg)] == [blk.reverse for blk in model.blocks] == odd_reversed
 
 
 def test_shift_and_token_zero_pass_unchanged(rng):
@@ -105,7 +126,7 @@ def test_shift_and_token_zero_pass_unchanged(rng):
     _, params = make_model(cfg, seed=2)
     x = tokens(cfg, 2)
     for b in range(2):
-        z, _ = block_forward(block_params(params, b), x, None, cfg, reverse=b == 1)
+        z, _ = block_forward(block(params, b), x, None, cfg)
         first, second = (-1, -2) if b == 1 else (0, 1)                  # the block's tokens 0, 1 in image order
         np.testing.assert_array_equal(z[:, first], x[:, first])
         assert np.abs(z[:, second] - x[:, second]).max() > 1e-3
@@ -115,31 +136,32 @@ def test_single_block_inverse_with_odd_order(rng):
     cfg = SMALL_CONFIGS["uncond-odd-P4"]
     _, params = make_model(cfg, seed=4)
     x = tokens(cfg, 2)
-    pb = block_params(params, 1)
-    z, _ = block_forward(pb, x, None, cfg, reverse=True)
-    np.testing.assert_allclose(block_inverse(pb, z, None, cfg, reverse=True), x, rtol=0, atol=1e-10)
+    blk = block(params, 1)
+    assert blk.reverse
+    z, _ = block_forward(blk, x, None, cfg)
+    np.testing.assert_allclose(block_inverse(blk, z, None, cfg), x, rtol=0, atol=1e-10)
     np.testing.assert_array_equal(permute(permute(x, True), True), x)
 
 
 def test_negative_and_missing_labels_use_the_mean_class_embedding():
     cfg = SMALL_CONFIGS["cond-odd-P1-gray"]
     _, params = make_model(cfg, seed=6)
-    pb = block_params(params, 0)
-    table = pb["class_embed"]                                            # [K, 1, C]
-    e = class_embedding(pb, np.array([2, -1, 0, -7]), 4)
+    blk = block(params, 0)
+    table = blk.params["class_embed"]                                    # [K, 1, C]
+    e = class_embedding(blk, np.array([2, -1, 0, -7]), 4)
     np.testing.assert_array_equal(e[0], table[2])
     np.testing.assert_array_equal(e[2], table[0])
     np.testing.assert_allclose(e[1], table.mean(0), rtol=1e-15)
     np.testing.assert_allclose(e[3], table.mean(0), rtol=1e-15)
-    np.testing.assert_allclose(class_embedding(pb, None, 4), np.stack([table.mean(0)] * 4), rtol=1e-15)
+    np.testing.assert_allclose(class_embedding(blk, None, 4), np.stack([table.mean(0)] * 4), rtol=1e-15)
     # in the whole conditioner: "no label" behaves like a class whose embedding is the mean
     u = tokens(cfg, 1)
-    mean_class = dict(pb, class_embed=np.concatenate([table, table.mean(0, keepdims=True)]))
+    mean_class = Block(dict(blk.params, class_embed=np.concatenate([table, table.mean(0, keepdims=True)])), False)
     for y in (np.array([-1]), None):
-        np.testing.assert_allclose(conditioner(pb, u, y, cfg, False)[0],
-                                   conditioner(mean_class, u, np.array([cfg.num_classes]), cfg, False)[0],
+        np.testing.assert_allclose(conditioner(blk, u, y, cfg)[0],
+                                   conditioner(mean_class, u, np.array([cfg.num_classes]), cfg)[0],
                                    rtol=1e-12, atol=1e-13)
-    assert np.abs(conditioner(pb, u, np.array([0]), cfg, False)[0] - conditioner(pb, u, None, cfg, False)[0]).max() > 1e-3
+    assert np.abs(conditioner(blk, u, np.array([0]), cfg)[0] - conditioner(blk, u, None, cfg)[0]).max() > 1e-3
 
 
 def test_labels_out_of_range_are_refused():
@@ -199,19 +221,19 @@ def test_bad_guidance_settings():
         Guidance(1.0, temperature=0)
 
 
-def inverse_by_prefixes(pb, z, y, cfg, reverse, g: Guidance):
+def inverse_by_prefixes(blk: Block, z, y, cfg, g: Guidance):
     """Brute force: at every step re-run both branches on the whole prefix (no cache) and guide by hand."""
-    u = permute(z, reverse)
+    u = permute(z, blk.reverse)
     x = u.copy()
     T = cfg.tokens
     for t in range(T - 1):
-        a, m = (o[:, t] for o in conditioner(pb, x[:, :t + 1], y, cfg, reverse))
-        a_u, m_u = (o[:, t] for o in conditioner(pb, x[:, :t + 1], None, cfg, reverse, temperature=g.temperature))
+        a, m = (o[:, t] for o in conditioner(blk, x[:, :t + 1], y, cfg))
+        a_u, m_u = (o[:, t] for o in conditioner(blk, x[:, :t + 1], None, cfg, temperature=g.temperature))
         w = g.weight * (t + 1) / (T - 1) if g.annealed else g.weight
         a_g = a + w * (a - a_u) if "a" in g.what else a
         m_g = m + w * (m - m_u) if "b" in g.what else m
         x[:, t + 1] = u[:, t + 1] * np.exp(a_g) + m_g
-    return permute(x, reverse)
+    return permute(x, blk.reverse)
 
 
 @pytest.mark.parametrize("g", [Guidance(1.5, "ab", annealed=True, temperature=0.6), Guidance(0.8, "a"),
@@ -220,8 +242,8 @@ def inverse_by_prefixes(pb, z, y, cfg, reverse, g: Guidance):
 def test_cached_guided_inverse_equals_brute_force(g, b):
     cfg = SMALL_CONFIGS["cond-even-P2"]
     _, params = make_model(cfg, seed=9)
-    pb = block_params(params, b)
+    blk = block(params, b)
     z, y = tokens(cfg, 3, seed=b), np.array([1, -1, 3])
-    got = block_inverse(pb, z, y, cfg, b == 1, g)
-    np.testing.assert_allclose(got, inverse_by_prefixes(pb, z, y, cfg, b == 1, g), rtol=1e-10, atol=1e-10)
-    assert np.abs(got - block_inverse(pb, z, y, cfg, b == 1)).max() > 1e-3   # guidance changed the sample
+    got = block_inverse(blk, z, y, cfg, g)
+    np.testing.assert_allclose(got, inverse_by_prefixes(blk, z, y, cfg, g), rtol=1e-10, atol=1e-10)
+    assert np.abs(got - block_inverse(blk, z, y, cfg)).max() > 1e-3   # guidance changed the sample

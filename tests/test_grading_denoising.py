@@ -14,13 +14,17 @@ import torch
 from tarflow_ref import TarFlow
 from tarflow_ref.config import TarFlowConfig
 from tarflow_ref.grading import denoising as grading
-from tarflow_ref.grading.denoising import (check_denoise_with_loss_gradient, check_gaussian_score, check_step_size,
-                                           check_tweedie)
+from tarflow_ref.grading.denoising import (
+    check_denoise_with_loss_gradient,
+    check_gaussian_score,
+    check_step_size,
+    check_tweedie,
+)
 from tarflow_ref.grading.report import CheckFailed
 
 from conftest import not_implemented, with_nan
 
-package = import_module("tarflow_ref.denoise")          # the module (`tarflow_ref.denoise` is also a function)
+package = import_module("tarflow_ref.denoising")
 
 
 # ---- right answers from the package ------------------------------------------------------------
@@ -34,7 +38,7 @@ def autograd_score(x, mean, var):
 
 
 def package_tweedie(x, score, sigma):
-    """tarflow_ref.denoise.denoise with its score replaced by the given function (factor 1)."""
+    """tarflow_ref.denoising.denoise with its score replaced by the given function (factor 1)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(package, "grad_log_prob", lambda params, cfg, v, y: score(v))
         return package.denoise(None, None, x, None, 1.0, sigma)

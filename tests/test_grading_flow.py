@@ -26,8 +26,8 @@ def reference(monkeypatch):
         block_of[f] = pb
         return f, pb
     monkeypatch.setattr(grading, "toy_conditioner", recording)
-    return (lambda u, f: flow.block_forward(block_of[f], u, None, TOY, False),
-            lambda z, f: flow.block_inverse(block_of[f], z, None, TOY, False))
+    return (lambda u, f: flow.block_forward(block_of[f], u, None, TOY),
+            lambda z, f: flow.block_inverse(block_of[f], z, None, TOY))
 
 
 # ---- shift ------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from tarflow_ref.guidance import Guidance, guide
 
 from conftest import not_implemented, with_nan
 
-
 # ---- guide ------------------------------------------------------------------------------------
 
 def reference_guide(a, m, a_u, m_u, g, what):
@@ -110,7 +109,7 @@ def reference(monkeypatch):
     def inverse(z, f_cond, f_uncond, g, what, annealed):
         pb, y = block_of[f_cond]
         guidance = None if f_uncond is f_cond else Guidance(g, what, annealed, temperature_of[f_uncond])
-        return flow.block_inverse(pb, z, y, TOY_CLASSES, False, guidance)
+        return flow.block_inverse(pb, z, y, TOY_CLASSES, guidance)
     return inverse
 
 
@@ -146,8 +145,8 @@ def test_the_problems_need_guidance():
     for seed, labels, T, guidance in grading.PROBLEMS:
         f_cond, f_uncond, pb = toy_branches(seed, labels, guidance.temperature)
         z = grading.toy_noise(seed, len(labels))[:, :T]
-        guided = flow.block_inverse(pb, z, np.asarray(labels), TOY_CLASSES, False, guidance)
-        plain = flow.block_inverse(pb, z, np.asarray(labels), TOY_CLASSES, False)
+        guided = flow.block_inverse(pb, z, np.asarray(labels), TOY_CLASSES, guidance)
+        plain = flow.block_inverse(pb, z, np.asarray(labels), TOY_CLASSES)
         assert np.abs(guided - plain).max() > 0.1 and np.abs(guided).max() < 6
 
 

@@ -15,7 +15,6 @@ from tarflow_ref.grading.report import CheckFailed
 from tarflow_ref.jacobi import affine_step, solve_block
 from tarflow_ref.strategy import BlockPlan
 
-
 # ------------------------------------------------------------------ right solutions, from the package
 
 def cached(f, z):

@@ -121,7 +121,8 @@ def shared_zero_state(cfg) -> dict:
     layout = released_layout(cfg)
     zeros = torch.zeros(max(math.prod(shape) for shape in layout.values()))
     mask = torch.tril(torch.ones(cfg.tokens, cfg.tokens))
-    state = {k: mask if k.endswith("attn_mask") else zeros[:math.prod(shape)].view(shape) for k, shape in layout.items()}
+    state = {k: mask if k.endswith("attn_mask") else zeros[:math.prod(shape)].view(shape)
+             for k, shape in layout.items()}
     state["var"] = torch.ones(cfg.tokens, cfg.token_dim)
     return state
 
@@ -169,7 +170,7 @@ def save_and_load(state, path):
 def test_released_checkpoint_loads_with_the_inferred_configuration(name, tmp_path):
     cfg = spec_config(name)
     model = save_and_load(shared_zero_state(cfg), tmp_path / name)
-    assert model.config == cfg                                         # image size from the tensors, sigma from the name
+    assert model.config == cfg                            # image size from the tensors, sigma from the name
     assert sum(p.numel() for p in model.parameters()) == parameter_count(cfg)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert torch.equal(model.blocks[7].attn_mask, torch.tril(torch.ones(cfg.tokens, cfg.tokens)))

@@ -1,9 +1,10 @@
-"""Strategies: the three text forms, presets against the SPEC table, validation before any work,
+"""Strategies: the three text forms, presets against the published table, validation before any work,
 and the cost formula on hand-counted cases."""
 import pytest
 
 from tarflow_ref import Guidance, TarFlowConfig
-from tarflow_ref.strategy import PRESETS, BlockPlan, Strategy, block_cost, parse_strategy
+from tarflow_ref.strategy import PRESETS, BlockPlan, Strategy, block_cost
+from tarflow_ref.strategy_text import parse_strategy
 
 AFHQ = TarFlowConfig.from_release_name("afhq_model_8_768_8_8_0.07.pth")              # T = 1024, N = 8
 P4 = TarFlowConfig.from_release_name("imagenet_model_4_1024_8_8_0.05.pth")           # T = 256
@@ -54,8 +55,9 @@ def test_text_round_trip(strategy):
 
 
 def test_presets_match_the_published_table():
-    table = {  # SPEC: model -> (cfg, denoise, tau_u, G, J, guess)
-        "afhq256": (3.4, 1.4, 1.0, [8, 1, 1, 1, 1, 1, 1, 1], [32, 10, 10, 10, 10, 10, 10, 10], [0, 0, 0, 0, 0, 1, 1, 0]),
+    table = {  # book/checkpoints.md, "GS-Jacobi strategies": model -> (cfg, denoise, tau_u, G, J, guess)
+        "afhq256": (3.4, 1.4, 1.0, [8, 1, 1, 1, 1, 1, 1, 1], [32, 10, 10, 10, 10, 10, 10, 10],
+                    [0, 0, 0, 0, 0, 1, 1, 0]),
         "imagenet128": (1.5, 0.97, 1.0, [1, 8, 1, 1, 1, 1, 1, 1], [10, 32, 10, 10, 10, 10, 10, 10],
                         [0, 1, 0, 0, 0, 0, 1, 0]),
         "imagenet64-uncond": (0.2, 0.9, 0.3, [1, 8, 1, 1, 1, 1, 1, 8], [20, 32, 20, 20, 20, 20, 20, 32],
@@ -83,7 +85,8 @@ def test_presets_are_faster_than_sequential():
 @pytest.mark.parametrize("text, cfg, message", [
     ("G=[8,1,1] J=[1,1,1]", AFHQ, "has 3 entries per list but the model has 8 flow blocks"),
     ("G=[1,1] J=[1,1,1]", SMALL, "lists differ in length"),
-    ("G=[3,1,1] J=[2,2,2]", SMALL, "G[0] = 3 cannot cut the T = 16 tokens into equal modules; use one of [1, 2, 4, 8, 16]"),
+    ("G=[3,1,1] J=[2,2,2]", SMALL,
+     "G[0] = 3 cannot cut the T = 16 tokens into equal modules; use one of [1, 2, 4, 8, 16]"),
     ("G=[32,1,1] J=[2,2,2]", SMALL, "G[0] = 32 cannot cut the T = 16 tokens"),
     ("G=[1,-2,1] J=[2,2,2]", SMALL, "G[1] = -2: the number of modules must be >= 1 (or 0 for sequential)"),
     ("G=[1,1,1] J=[2,0,2]", SMALL, "J[1] = 0: the number of Jacobi iterations must be >= 1"),

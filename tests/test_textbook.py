@@ -96,6 +96,7 @@ def test_two_window_extrapolation_is_exact_for_a_linear_cost(tokens, steps):
 def test_benchmark_rows_carry_the_windows_and_the_memory_floor(tmp_path):
     """One small run: (a) from two windows, (e) = the traffic of the run's setting / its bandwidth."""
     import json
+
     from tarflow_ref.traffic import sequential_traffic
     bench = benchmark()
     out = tmp_path / "rows.json"

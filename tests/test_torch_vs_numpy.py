@@ -1,4 +1,4 @@
-"""The torch backend equals the float64 NumPy reference (SPEC, whole document), on random small
+"""The torch backend equals the float64 NumPy reference (book/checkpoints.md), on random small
 configurations with weights away from the initialisation: conditional and unconditional, odd and
 even block counts, patch sizes 1, 2 and 4, RGB and grayscale.
 
@@ -142,7 +142,8 @@ def test_label_out_of_range(cond):
     y = np.array([0, 4])
     message = r"label 4 is out of range: labels must be < 4"
     for call in (lambda: np_model.forward(params, cfg, x, y), lambda: model(torch.from_numpy(x), torch.from_numpy(y)),
-                 lambda: np_model.sample(params, cfg, noise, y), lambda: sample(model, torch.from_numpy(noise), torch.from_numpy(y))):
+                 lambda: np_model.sample(params, cfg, noise, y),
+                 lambda: sample(model, torch.from_numpy(noise), torch.from_numpy(y))):
         with pytest.raises(ValueError, match=message):
             call()
 

@@ -11,12 +11,19 @@ import pytest
 import torch
 from PIL import Image
 
-from tarflow_ref import TarFlowConfig, load_checkpoint, to_numpy
-from tarflow_ref import model as np_model
-from tarflow_ref.bayes import class_log_likelihoods, classify, log_posterior
-from tarflow_ref.data import center_crop, load_digits_split, load_image_folder, to_model_range
-from tarflow_ref.train import (TrainSettings, batch_indices, evaluate_bpd, lr_factor, make_optimizer,
-                               resume_path, train, training_batch)
+from tarflow_ref import TarFlowConfig, load_checkpoint, model as np_model, to_numpy
+from tarflow_ref.torch_backend.bayes import class_log_likelihoods, classify, log_posterior
+from tarflow_ref.training.data import center_crop, load_digits_split, load_image_folder, to_model_range
+from tarflow_ref.training.train import (
+    TrainSettings,
+    batch_indices,
+    evaluate_bpd,
+    lr_factor,
+    make_optimizer,
+    resume_path,
+    train,
+    training_batch,
+)
 
 from conftest import make_model
 

@@ -1,4 +1,4 @@
-"""The bundled tiny model: a conditional TarFlow trained on scikit-learn's digits by train.py.
+"""The bundled tiny model: a conditional TarFlow trained on scikit-learn's digits by training/train.py.
 
 `bundled_checkpoint()` is its path; it loads like any released file (`load_checkpoint`), and is
 the default model of the command line. README.md beside this file records the exact command

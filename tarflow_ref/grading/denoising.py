@@ -1,7 +1,7 @@
 """Checks for assignment 06: score denoising with Tweedie's formula.
 
 Zhai et al. 2024, Sec. 2.5; SPEC "Score denoising"; book/denoising.md and
-notebooks/07_score_denoising.ipynb teach it. The package's step is tarflow_ref/denoise.py (NumPy),
+notebooks/07_score_denoising.ipynb teach it. The package's step is tarflow_ref/denoising.py (NumPy),
 the score of a whole TarFlow tarflow_ref/backward.py (grad_log_prob). All arrays are NumPy float64.
 
     gaussian_score(x, mean, var)   grad_x log N(x; mean, var) = -(x - mean) / var, elementwise
@@ -25,15 +25,15 @@ What each check tests: first properties that need no reference, then the package
                         Monte Carlo (20000 seeded draws): the estimate is closer to x0 in mean
                         square than x is; then the exact posterior mean on x of shapes [6], [3, 5],
                         [2, 1, 3, 3]; then, with the score of a random TarFlow (grading.problems.TOY,
-                        weights away from the initialisation), tarflow_ref.denoise.denoise.
+                        weights away from the initialisation), tarflow_ref.denoising.denoise.
   check_step_size       lambda(B) = B lambda(1) (chunks of any size get the same step per image),
-                        then tarflow_ref.denoise.step_size on 4 configurations (the first one's
+                        then tarflow_ref.denoising.step_size on 4 configurations (the first one's
                         B, S, c, 1/sigma and factor all differ, so a missing one shows by its ratio).
   check_denoise_with_loss_gradient   on the untrained flow (the identity map, p = N(0, I)), whose
                         loss gradient is analytic, grad L = x / (B N), and whose Tweedie step is
                         (1 - factor sigma^2) x; then on noisy held-out digits with the bundled model:
                         grad L by torch autograd through TarFlow.loss (float64), lambda from the
-                        package's step_size, against tarflow_ref.denoise.denoise (the score from the
+                        package's step_size, against tarflow_ref.denoising.denoise (the score from the
                         NumPy backward pass) within 1e-10, for 3 labelled and 5 unlabelled digits.
 
 Mistakes each check is built to catch (tests/test_grading_denoising.py writes each one):
@@ -55,10 +55,10 @@ import torch
 from scipy.stats import norm
 
 from ..backward import grad_log_prob
-from ..checkpoint import to_numpy
 from ..config import TarFlowConfig
-from ..data import to_model_range
-from ..denoise import denoise, step_size as reference_step_size
+from ..denoising import denoise, step_size as reference_step_size
+from ..io.checkpoint import to_numpy
+from ..training.data import to_model_range
 from .problems import TOY, bundled_digits, random_params
 from .report import CheckFailed, as_array, call_unchanged, expect_close, hint, passed, same
 
@@ -208,7 +208,8 @@ def check_denoise_with_loss_gradient(fn):
     batch, n_values, sigma = len(x), x[0].size, 0.2
     grad_loss = x / (batch * n_values)                   # L = mean over batch and values of x^2 / 2 + const
     lam = reference_step_size(TarFlowConfig(image_size=5, patch_size=1, channels=2), batch, sigma)
-    name = f"denoise_with_loss_gradient(x, grad_loss, {lam:.4g}) on the untrained flow (p = N(0, I)), x of shape [3, 2, 5, 5]"
+    name = (f"denoise_with_loss_gradient(x, grad_loss, {lam:.4g}) on the untrained flow (p = N(0, I)), "
+            "x of shape [3, 2, 5, 5]")
     got = as_array(name, call_unchanged(name, fn, x=x, grad_loss=grad_loss, lam=lam), x.shape)
     with hint(loss_step_mistake(got, x, grad_loss, lam)):
         expect_close(f"{name}: Tweedie's step with the score -x, (1 - sigma^2) x", got, (1 - sigma ** 2) * x)

@@ -45,8 +45,7 @@ from einops import rearrange
 from ..flow import block_forward, block_inverse, shift as reference_shift
 from ..jacobi import affine_step
 from .problems import TOY, toy_conditioner, toy_noise
-from .report import (CheckFailed, as_array, as_pair, call_unchanged, expect_close, first_wrong_token, hint,
-                     passed, same)
+from .report import CheckFailed, as_array, as_pair, call_unchanged, expect_close, first_wrong_token, hint, passed, same
 
 # (seed, batch, tokens): the whole toy block, an odd prefix with a larger batch, a single sample.
 # Seeds whose inverse of toy_noise stays bounded (|u| < 6): the random blocks of seeds 1-3 amplify
@@ -100,7 +99,7 @@ def check_flow_forward(fn):
         u = np.random.default_rng(seed).uniform(-1, 1, (batch, tokens, TOY.token_dim))
         name = f"flow_forward(u, f) for u of shape {list(u.shape)}"
         z, logdet = forward_pair(name, fn, u, f)
-        z_ref, logdet_ref = block_forward(pb, u, None, TOY, False)
+        z_ref, logdet_ref = block_forward(pb, u, None, TOY)
         if i == 0:
             check_jacobian(name, fn, u[0], f, logdet[0], logdet_ref[0])
         with hint("z = (u - m) exp(-a) with a, m the SHIFTED outputs of f(u)"):
@@ -173,12 +172,12 @@ def check_flow_inverse(fn):
         with hint("token 0 must pass unchanged, u_0 = z_0 (after the shift a_0 = m_0 = 0); token t + 1 "
                   "uses the conditioner's output at position t"):
             expect_close(f"{name}: token 0", u[:, 0], z[:, 0])
-        back, _ = block_forward(pb, u, None, TOY, False)
+        back, _ = block_forward(pb, u, None, TOY)
         wrong = first_wrong_token(back, z)
         if wrong < tokens:
             raise CheckFailed(f"{name}: the forward block maps your u back to z for tokens 0..{wrong - 1} "
                               f"only; {inverse_mistake(u, z, f, wrong)}")
-        expect_close(name, u, block_inverse(pb, z, None, TOY, False))
+        expect_close(name, u, block_inverse(pb, z, None, TOY))
     passed("flow_inverse", "the forward block maps u back to z; matches the reference on 3 inputs "
            "(16, 7, 11 tokens)")
 

@@ -47,8 +47,7 @@ from ..flow import block_forward, block_inverse
 from ..guidance import Guidance, guide as reference_guide
 from ..jacobi import affine_step
 from .problems import TOY_CLASSES, toy_branches, toy_noise
-from .report import (CheckFailed, as_array, as_pair, call_unchanged, expect_close, first_wrong_token, hint,
-                     passed, same)
+from .report import CheckFailed, as_array, as_pair, call_unchanged, expect_close, first_wrong_token, hint, passed, same
 
 # (seed, labels, T, guidance): block seed = noise seed; seeds 2 and 7 keep every guided and
 # unguided inverse of toy_noise below 6 in size. Annealed problems use all 16 tokens of the block.
@@ -176,7 +175,7 @@ def _inverse(fn, name, z, f_cond, f_uncond, g, what, annealed):
 
 def _maps_back(name, x, z, pb, labels, why):
     """CheckFailed unless the reference forward block with the labels maps x back to z."""
-    back, _ = block_forward(pb, x, np.asarray(labels), TOY_CLASSES, False)
+    back, _ = block_forward(pb, x, np.asarray(labels), TOY_CLASSES)
     n = first_wrong_token(back, z)
     if n < z.shape[1]:
         first = "token 0 must pass unchanged, x_0 = z_0" if n == 0 else \
@@ -205,7 +204,7 @@ def check_guided_inverse(fn):
                 f"{guidance.annealed}) for z of shape {list(z.shape)}, labels {list(labels)}, "
                 f"tau_u = {guidance.temperature}")
         x = _inverse(fn, name, z, f_cond, f_uncond, guidance.weight, guidance.what, guidance.annealed)
-        want = block_inverse(pb, z, np.asarray(labels), TOY_CLASSES, False, guidance)
+        want = block_inverse(pb, z, np.asarray(labels), TOY_CLASSES, guidance)
         n = first_wrong_token(x, want)
         if n == 0:
             raise CheckFailed(f"{name}: token 0 must pass unchanged, x_0 = z_0")

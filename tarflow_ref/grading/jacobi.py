@@ -60,7 +60,7 @@ def _solver(pb, z, modules, iterations):
     """The package's GS-Jacobi inverse in the block order (0 iterations: x^0 = z)."""
     if iterations == 0:
         return z.copy()
-    return block_inverse_gsj(pb, z, None, TOY, False, BlockPlan(modules, iterations))
+    return block_inverse_gsj(pb, z, None, TOY, BlockPlan(modules, iterations))
 
 
 def _count(n, word):
@@ -106,13 +106,13 @@ def check_jacobi_update(jacobi_update):
                               f"output of f at position t (the shift by one token: a[:, t], not a[:, t + 1]), "
                               f"and z_(t+1), not x_(t+1)")
 
-        exact = block_inverse(pb, z, None, TOY, reverse=False)
+        exact = block_inverse(pb, z, None, TOY)
         at_exact = f"jacobi_update(x*, z, f) at the exact inverse x*, B={B}, T={T}"
         _expect(at_exact, _call(at_exact, jacobi_update, z.shape, x=exact, z=z, f=f), exact,
                 "the exact inverse must be a fixed point, F(x*) = x*: F(x)_(t+1) = z_(t+1) exp(a_t) + m_t with "
                 "(a, m) = f(x) of the given x, times exp(+a_t) (exp(-a) is the forward direction)")
 
-        a, m = conditioner(pb, x, None, TOY, reverse=False)
+        a, m = conditioner(pb, x, None, TOY)
         _expect(label, F, affine_step(z, shift(a), shift(m), clamp=False),
                 "F(x) is computed from the given x with one call of f, all tokens at once (no token-by-token "
                 "updates inside one iteration)")
@@ -124,7 +124,7 @@ def check_jacobi_inverse(jacobi_inverse):
     """jacobi_inverse(z, f, iterations) -> x^k: [B, T, D] from x^0 = z. PASS line or CheckFailed."""
     for seed, noise_seed, B, T in PROBLEMS:
         f, pb, z = _problem(seed, noise_seed, B, T)
-        exact = block_inverse(pb, z, None, TOY, reverse=False)
+        exact = block_inverse(pb, z, None, TOY)
         for k in (1, 2, 5, T - 1):
             label = f"jacobi_inverse(z, f, {k}) on B={B}, T={T}"
             x = _call(label, jacobi_inverse, z.shape, z=z, f=f, iterations=k)
@@ -172,7 +172,7 @@ def check_gs_jacobi_inverse(gs_jacobi_inverse):
     """gs_jacobi_inverse(z, f, modules, iterations) -> x: [B, T, D]. PASS line or CheckFailed."""
     for seed, noise_seed, B, T in PROBLEMS:
         f, pb, z = _problem(seed, noise_seed, B, T)
-        exact = block_inverse(pb, z, None, TOY, reverse=False)
+        exact = block_inverse(pb, z, None, TOY)
         for G, J in ((T, 1), (T, 3)) + SPLITS[T]:
             label = f"gs_jacobi_inverse(z, f, modules={G}, iterations={J}) on B={B}, T={T}"
             x = _call(label, gs_jacobi_inverse, z.shape, z=z, f=f, modules=G, iterations=J)

@@ -233,7 +233,7 @@ def digits_flow(labelled: bool = True):
 def check_digits(fn):
     """The student's mean bits/dim of the bundled model on the held-out digits against the package's
     value (train.evaluate_bpd, the CLI's `bpd`); returns that mean."""
-    from ..train import evaluate_bpd
+    from ..training.train import evaluate_bpd
 
     z, logdet = digits_flow(True)
     name, got = per_sample("bits_per_dim", fn, z, logdet)

@@ -14,9 +14,9 @@ from functools import cache
 
 import numpy as np
 
-from ..checkpoint import to_numpy
 from ..config import TarFlowConfig
-from ..flow import block_params, conditioner
+from ..flow import block, conditioner
+from ..io.checkpoint import to_numpy
 from ..torch_backend.model import TarFlow, randomize_
 
 # 16 tokens of 2 values (a 4x4 two-channel image, patch 1), one layer of width 16 in 2 heads
@@ -36,10 +36,10 @@ def random_params(cfg: TarFlowConfig = TOY, seed: int = 0, out_scale: float = 0.
 def toy_conditioner(seed: int = 0, cfg: TarFlowConfig = TOY):
     """(f, pb): the causal conditioner of block 0 of a random TarFlow, in its own token order, and
     that block's parameters (for the reference functions of flow.py and jacobi.py)."""
-    pb = block_params(random_params(cfg, seed), 0)
+    pb = block(random_params(cfg, seed), 0)
 
     def f(u):
-        return conditioner(pb, np.asarray(u, dtype=np.float64), None, cfg, reverse=False)
+        return conditioner(pb, np.asarray(u, dtype=np.float64), None, cfg)
     return f, pb
 
 
@@ -47,15 +47,14 @@ def toy_branches(seed: int = 0, labels=(0,), temperature: float = 1.0, cfg: TarF
     """(f_cond, f_uncond, pb): the two guidance branches of block 0 of a random conditional TarFlow,
     for inputs u: [B, n, D] with B = len(labels) (sample i has label labels[i]; f_uncond attends
     at temperature tau_u), and that block's parameters (for flow.block_inverse with y = labels)."""
-    pb = block_params(random_params(cfg, seed), 0)
+    pb = block(random_params(cfg, seed), 0)
     y = np.asarray(labels)
 
     def f_cond(u):
-        return conditioner(pb, np.asarray(u, dtype=np.float64), y, cfg, reverse=False)
+        return conditioner(pb, np.asarray(u, dtype=np.float64), y, cfg)
 
     def f_uncond(u):
-        return conditioner(pb, np.asarray(u, dtype=np.float64), None, cfg, reverse=False,
-                           temperature=temperature)
+        return conditioner(pb, np.asarray(u, dtype=np.float64), None, cfg, temperature=temperature)
     return f_cond, f_uncond, pb
 
 
@@ -72,8 +71,8 @@ def bundled_digits():
     (as the CLI runs it) and the 360 held-out digits, loaded once. Shared: copy the model before
     changing it (e.g. to float64)."""
     from ..assets import bundled_checkpoint
-    from ..checkpoint import load_checkpoint
-    from ..data import load_digits_split
+    from ..io.checkpoint import load_checkpoint
+    from ..training.data import load_digits_split
 
     images, labels = load_digits_split("test")
     return load_checkpoint(bundled_checkpoint()).eval(), images, labels

@@ -1,5 +1,6 @@
-"""The PyTorch backend: the same TarFlow as the NumPy reference, with the released state-dict keys."""
-from .model import TarFlow
-from .sampling import Sampler, inverse, sample
+"""The PyTorch backend: the same TarFlow as the NumPy reference, with the released state-dict keys.
 
-__all__ = ["TarFlow", "inverse", "sample", "Sampler"]
+model.py mirrors flow.py / attention.py / model.py; engine.py makes sequential sampling fast and
+textbook.py is the readable loop it equals; sampling.py is the one sampling entry point, with the
+sequential sampler or GS-Jacobi (jacobi.py, strategy_search.py) as its choice.
+"""

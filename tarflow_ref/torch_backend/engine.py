@@ -1,45 +1,33 @@
-"""The sampling engine: the exact sequential inverse of the flow blocks (SPEC, "Inverse"), fast.
+"""The sampling engine: the exact sequential inverse of the flow blocks (book/checkpoints.md,
+"Inverse, guidance and sampling"), fast. The readable loop it equals is textbook.py.
 
 Inside a block, in its token order, with z: [B, T, D] the block's input noise:
 
     x_0 = z_0,    x_{t+1} = z_{t+1} * exp(a_t) + m_t,    (a_t, m_t) = f(x_0..x_t),   t = 0..T-2
 
-and with classifier-free guidance (tarflow_ref/guidance.py, Zhai et al. 2024, Sec. 2.6)
-
-    a_t <- a_t + g_t (a_t - a_t^u),   m_t <- m_t + g_t (m_t - m_t^u),
-
-the unconditional a^u, m^u coming from the mean class embedding at attention temperature tau_u.
-Each step is one token through L transformer layers: little arithmetic and many small kernels,
-so a plain loop is bound by per-token Python work, kernel launches and cache copies, not by
-the arithmetic (book/sampling_speed.md). The engine computes the same numbers and removes those
-costs:
+with classifier-free guidance (guidance.py) on a_t, m_t. Each step is one token through L
+transformer layers: little arithmetic and many small kernels, so a plain loop is bound by
+per-token Python work, kernel launches and cache copies (book/sampling_speed.md). The engine
+computes the same numbers without those costs:
 
 1. Static KV caches, [2B, H, T, d] per layer, allocated once and written in place at the
    step's position; attention reads the written prefix. Inside a CUDA graph shapes are frozen,
    so the graph of span s reads slots 0..s-1 through the causal mask: each block has one graph
    per span s_j = ceil((j + 1)(T - 1) / S), j < S (S = 16), and step t replays the smallest
    span >= t + 1. Reading all T slots at every step would double the dominant memory traffic
-   at large T (the keys and values, book/sampling_speed.md); these spans add (T - 1) / 2S
-   slots per step on average instead.
+   at large T (book/sampling_speed.md); these spans add (T - 1) / 2S slots per step on average.
 2. Guidance's two branches in ONE pass over a batch of 2B: tokens [x; x], labels [y; -1]
    ("no label" = mean class embedding) and a per-sample temperature [1; tau_u]: [2B, 1, 1, 1].
 3. The per-token step (all layers, guidance, the affine update, t <- t + 1) reads and writes
-   only static buffers and a 0-dim device tensor t, so on CUDA it is captured as CUDA graphs
-   (torch.cuda.CUDAGraph, one per block and span) and replayed T - 1 times per block: one
-   launch per token.
+   only static buffers and a 0-dim device tensor t (positions are views of it, the causal mask
+   rows additive), so on CUDA it is captured as CUDA graphs (one per block and span) and
+   replayed T - 1 times per block: one launch per token.
 4. bfloat16 on CUDA: autocast, as the released evaluation samples, with the Linear weights cast
    to bfloat16 once (inside a graph autocast cannot cache its casts and would redo them at
    every step). Autocast rounds the float32 weights the same way, so the numbers are the same.
 
-On the CPU the same step runs eagerly, with integer positions. `guided_conditioner` and
-`new_caches` are the entry points every torch sampler uses (sequential and GS-Jacobi), so all of
-them share this path.
-
-Seen on an H200 (torch 2.11): in float32 the replayed graphs equal the eager engine bit for bit.
-In bfloat16 with guidance (a batch of 2B) SDPA picked cuDNN's attention for the masked static
-cache, whose replays were not bit-reproducible (within bfloat16 rounding of float64) and whose
-eager steps were slower (3.9 vs 2.8 ms); so the engine asks SDPA for the other kernels
-(`engine_precision`), whose replays were bit-reproducible.
+On the CPU the same step runs eagerly, with integer positions. `guided_conditioner` on
+`new_caches` is how every torch sampler evaluates a block (sequential and GS-Jacobi).
 """
 import bisect
 import contextlib
@@ -48,13 +36,48 @@ import math
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..guidance import Guidance, guide
-from .model import positions, rows, wide
+from .precision import check_bf16_model, wide
 
 SPANS = 16            # CUDA graphs per block, each reading a longer prefix of the caches
+
+
+def positions(start, n, device):
+    """[n] long: start..start+n-1. `start` is an int, or a 0-dim device tensor: the position of
+    the CUDA graph, which must stay on the device (no host sync). One position of a tensor start
+    is a view of it: no kernels (arange and add) in the graph's step."""
+    if torch.is_tensor(start) and n == 1:
+        return start.reshape(1)
+    return start + torch.arange(n, device=device)
+
+
+def rows(t, start, n, dim=0):
+    """Entries start..start+n-1 of t along `dim`: a view for an int start, a copy for a tensor one."""
+    if torch.is_tensor(start):
+        return t.index_select(dim, positions(start, n, t.device))
+    return t.narrow(dim, start, n)
+
+
+def write_rows(t, start, values, dim):
+    """t[..., start:start+n, ...] = values along `dim`, in place (n = values.shape[dim])."""
+    if torch.is_tensor(start):
+        t.index_copy_(dim, positions(start, values.shape[dim], t.device), values)
+    else:
+        t.narrow(dim, start, values.shape[dim]).copy_(values)
+
+
+def attention_bias(allowed, h):
+    """The causal mask's rows allowed: [n, T] bool as SDPA's additive form: 0 where a query may
+    attend, -inf elsewhere, in the dtype the queries computed from h will have (autocast's for
+    float32 activations under autocast; autocast leaves float64 alone). SDPA would make this from
+    a boolean mask at every layer (a few small kernels each); the conditioner makes it once."""
+    autocast = torch.is_autocast_enabled(h.device.type) and h.dtype == torch.float32
+    dtype = torch.get_autocast_dtype(h.device.type) if autocast else h.dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
 
 
 class KVCache:
@@ -64,15 +87,14 @@ class KVCache:
 
     def __init__(self, tokens: int):
         self.tokens = tokens
-        self.span = tokens        # slots read at a device position; the Engine sets it per CUDA graph
         self.k = self.v = None
 
-    def write(self, k, v, start):
+    def write(self, k, v, start, span=None):
         """k, v: [B', H, n, d] at positions start..start+n-1 -> keys, values to attend to.
 
         start: an int (returns positions 0..start+n-1), or a 0-dim device tensor, as in the CUDA
-        graph (returns slots 0..span-1, which must cover the positions written so far; the
-        attention's causal mask hides the later ones).
+        graph, which reads the first `span` slots (they must cover the positions written so far;
+        the attention's causal mask hides the later ones).
         """
         if self.k is None:
             shape = (*k.shape[:2], self.tokens, k.shape[-1])
@@ -84,8 +106,11 @@ class KVCache:
         write_rows(self.k, start, k, dim=2)
         write_rows(self.v, start, v, dim=2)
         if torch.is_tensor(start):
-            return self.k.narrow(2, 0, self.span), self.v.narrow(2, 0, self.span)
-        end = start + k.shape[2]
+            if span is None:
+                raise ValueError("a device position reads a span of cache slots: pass span")
+            end = span
+        else:
+            end = start + k.shape[2]
         return self.k.narrow(2, 0, end), self.v.narrow(2, 0, end)
 
     def clear(self):
@@ -95,29 +120,48 @@ class KVCache:
             self.v.zero_()
 
 
-def write_rows(t, start, values, dim):
-    """t[..., start:start+n, ...] = values along `dim`, in place (n = values.shape[dim]); start is
-    an int or a 0-dim device tensor (model.rows reads such rows)."""
-    if torch.is_tensor(start):
-        t.index_copy_(dim, positions(start, values.shape[dim], t.device), values)
-    else:
-        t.narrow(dim, start, values.shape[dim]).copy_(values)
-
-
 def new_caches(block, tokens):
     """One KVCache per transformer layer of `block`; both guidance branches share each one."""
     return [KVCache(tokens) for _ in block.attn_blocks]
 
 
-def guided_conditioner(block, x, y, start, caches, guidance: Guidance | None):
+def attend(attention, h, start, cache, temperature, bias, span):
+    """model.Attention.forward on a static cache: temperature a float or per sample [B', 1, 1, 1],
+    bias the additive mask rows [n, T] (None: every key given), span as in KVCache.write."""
+    q, k, v = attention.queries_keys_values(h)
+    if torch.is_tensor(temperature):
+        # divided in at least float32 so that tau_u is not rounded to bfloat16
+        q, temperature = (wide(q) / temperature).to(q.dtype), 1.0
+    k, v = cache.write(k, v, start, span)
+    scale = 1.0 / (q.shape[-1] ** 0.5 * temperature)
+    mask = None if bias is None else bias[:, :k.shape[2]]
+    return attention.output(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale))
+
+
+def conditioner(block, u, y, start, caches, temperature=1.0, span=None):
+    """model.MetaBlock.conditioner on static caches: raw a, m: [B', n, D] at positions start..start+n-1."""
+    n = u.shape[1]
+    pos = rows(block.permute(block.pos_embed, dim=0), start, n)
+    h = block.proj_in(u) + pos + block.class_embedding(y, u.shape[0])
+    # one query attending to every key it is given needs no mask, and SDPA is faster without
+    # one; at a device position the static cache hands over a span of slots, so mask the future
+    bias = None if n == 1 and not torch.is_tensor(start) else attention_bias(rows(block.attn_mask, start, n) > 0, h)
+    for layer, cache in zip(block.attn_blocks, caches):
+        h = h + attend(layer.attention, h, start, cache, temperature, bias, span)
+        h = h + layer.mlp(h)
+    o = block.proj_out(h)
+    return o[..., :block.token_dim], o[..., block.token_dim:]
+
+
+def guided_conditioner(block, x, y, start, caches, guidance: Guidance | None, span=None):
     """Guided a, m: [B, n, D] for the tokens x: [B, n, D] at positions start..start+n-1 of the
     block order, writing their keys and values into `caches` (from `new_caches`).
 
-    y: [B] labels (< 0: none) or None; start: an int or a 0-dim device tensor. With guidance,
-    both branches run as one batch of 2B.
+    y: [B] labels (< 0: none) or None; start: an int or a 0-dim device tensor (with its span).
+    With guidance, both branches run as one batch of 2B.
     """
     if guidance is None or not guidance.active:
-        return block.conditioner(x, y, start, caches)
+        return conditioner(block, x, y, start, caches, span=span)
     B, n = x.shape[:2]
     no_label = torch.full((B,), -1, dtype=torch.long, device=x.device)
     labels = torch.cat([no_label if y is None else y, no_label])                           # [2B]
@@ -125,23 +169,16 @@ def guided_conditioner(block, x, y, start, caches, guidance: Guidance | None):
     if guidance.temperature != 1.0:
         ones = torch.ones(B, 1, 1, 1, dtype=wide(x).dtype, device=x.device)
         temperature = torch.cat([ones, ones * guidance.temperature])                        # [2B, 1, 1, 1]
-    a, m = block.conditioner(torch.cat([x, x]), labels, start, caches, temperature)         # [2B, n, D]
+    a, m = conditioner(block, torch.cat([x, x]), labels, start, caches, temperature, span)  # [2B, n, D]
     g = guidance.weight_at(positions(start, n, x.device).to(x.dtype)[:, None], block.pos_embed.shape[0])  # [n, 1]
     return guide(a[:B], m[:B], a[B:], m[B:], guidance, g)
-
-
-def autocast(device, bf16: bool):
-    """bfloat16 autocast, as the released evaluation samples. Meant for CUDA; it works on the CPU
-    too (slowly), which lets the tests run the bfloat16 path."""
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def engine_precision(device, bf16: bool, cache_enabled: bool = True):
     """The engine's own precision: bfloat16 autocast or none, whatever the caller's context is
     (an enclosing autocast would otherwise leak into the engine and its captured graphs), and
-    SDPA without cuDNN's attention (see the module docstring; on the CPU SDPA has no such kernel)."""
+    SDPA without cuDNN's attention, whose replays were not bit-repeatable (benchmarks/RESULTS.md;
+    on the CPU SDPA has no such kernel)."""
     stack = contextlib.ExitStack()
     stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=cache_enabled))
     stack.enter_context(sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]))
@@ -159,12 +196,6 @@ def span_ends(tokens: int, spans: int) -> list:
 def span_index(ends: list, t: int) -> int:
     """The graph for step t: the shortest span in `ends` covering the slots it reads, 0..t."""
     return bisect.bisect_left(ends, t + 1)
-
-
-def check_bf16_model(dtype):
-    """Autocast casts float32 only: a model of another dtype would silently run in that dtype."""
-    if dtype != torch.float32:
-        raise ValueError(f"bfloat16 autocast needs a float32 model, this one is {dtype}")
 
 
 def bf16_linears(block):
@@ -185,13 +216,13 @@ class Engine:
     at the first `inverse` or by `capture()`; build one Engine and call `inverse` again for more
     batches of the same size, so that the capture is paid once.
 
-    `compile` runs the graph body through torch.compile (dynamic shapes: one compilation serves
-    every span; the warm-up before the capture compiles it), which fuses the step's small
-    element-wise kernels; the numbers may differ from the eager step by float rounding. An
-    experiment for the GPU (book/sampling_speed.md); off by default.
+    `compile` runs the step at the device position through torch.compile (dynamic shapes: one
+    compilation serves every span; the warm-up before the capture compiles it), which fuses the
+    step's small element-wise kernels; the numbers may differ from the eager step by float
+    rounding. An experiment for the GPU (book/sampling_speed.md); off by default.
     """
 
-    def __init__(self, blocks, batch: int, guidance: Guidance | None = None, bf16: bool = False,
+    def __init__(self, blocks, batch: int, guidance: Guidance | None = None, bf16: bool = False, *,
                  graphs: bool | None = None, spans: int = SPANS, compile: bool = False):
         first = blocks[0]
         device, dtype = first.pos_embed.device, first.pos_embed.dtype
@@ -210,37 +241,29 @@ class Engine:
         self.caches = new_caches(first, tokens)
         self.spans = span_ends(tokens, spans)
         self.captured = None                     # captured[b][j]: the graph of block b and span j
-        self.compiled = torch.compile(self.graph_step, dynamic=True) if compile else None
+        self.compiled = compile
+        # what the CUDA graphs record: the step at the device position
+        self.graph_body = torch.compile(self.step, dynamic=True) if compile else self.step
 
-    def step(self, block, t):
+    def step(self, block, t, span=None):
         """Token t+1 from tokens 0..t of the static buffers. t: an int (eager), or the device
-        position self.position (inside the CUDA graph, where the int would be frozen at capture)."""
-        a, m = guided_conditioner(block, rows(self.x, t, 1, dim=1), self.y, t, self.caches, self.guidance)
+        position self.position with the `span` of cache slots to read (the CUDA graph's body,
+        where an int would be frozen at capture); the step then advances the device position."""
+        a, m = guided_conditioner(block, rows(self.x, t, 1, dim=1), self.y, t, self.caches, self.guidance, span)
         write_rows(self.x, t + 1, rows(self.u, t + 1, 1, dim=1) * torch.exp(wide(a)) + m, dim=1)  # [B, 1, D]
-
-    def graph_step(self, block, span: int):
-        """The body of a CUDA graph: one step at the device position, which it then advances,
-        reading the first `span` cache slots. (On the CPU it runs eagerly, which is how the tests
-        check it.)"""
-        for cache in self.caches:
-            cache.span = span
-        self.step(block, self.position)
-        self.position.add_(1)
-
-    def body(self, block, span: int):
-        """The graph body, compiled or not."""
-        (self.compiled or self.graph_step)(block, span)
+        if torch.is_tensor(t):
+            t.add_(1)
 
     def span_for(self, t: int) -> int:
         """The cache slots the graph of step t reads (span_index)."""
         return self.spans[span_index(self.spans, t)]
 
-    def run_step(self, b: int, t: int):
-        """Step t of block b, after `load`: a graph replay, the compiled body, or the eager step."""
+    def decode(self, b: int, t: int):
+        """Step t of block b, after `load`: a graph replay, the compiled step, or the eager step."""
         if self.captured:
             self.captured[b][span_index(self.spans, t)].replay()
         elif self.compiled:
-            self.compiled(self.blocks[b], self.span_for(t))
+            self.graph_body(self.blocks[b], self.position, self.span_for(t))
         else:
             self.step(self.blocks[b], t)
 
@@ -257,7 +280,7 @@ class Engine:
             for block in self.blocks:
                 for span in self.spans:
                     self.position.fill_(span - 1)
-                    self.body(block, span)
+                    self.graph_body(block, self.position, span)
         torch.cuda.current_stream().wait_stream(side)
         self.captured, pool = [], None
         for block in self.blocks:
@@ -267,7 +290,7 @@ class Engine:
                 # the graphs run one after another and keep nothing between replays (every tensor
                 # they leave behind is a static buffer made outside them), so they share one pool
                 with torch.cuda.graph(graph, pool=pool), engine_precision(self.device, self.bf16, cache_enabled=False):
-                    self.body(block, span)
+                    self.graph_body(block, self.position, span)
                 pool = graph.pool()
                 self.captured[-1].append(graph)
         torch.cuda.synchronize()
@@ -301,7 +324,7 @@ class Engine:
         steps = tokens - 1 if steps is None else min(steps, tokens - 1)
         with engine_precision(self.device, self.bf16):
             for t in range(steps):
-                self.run_step(b, t)
+                self.decode(b, t)
         return self.blocks[b].permute(self.x).clone()
 
     @torch.no_grad()

@@ -1,63 +1,149 @@
-"""Jacobi and GS-Jacobi sampling in torch, and a strategy found automatically (Liu & Qin 2025; SPEC,
-"Jacobi and GS-Jacobi inversion"). The math and the solver loop are tarflow_ref/jacobi.py; here
-every evaluation goes through `sampling.guided_conditioner` with `sampling.new_caches`, the same
-primitive as the sequential sampler (and whatever makes it fast).
+"""GS-Jacobi sampling in torch: the fast path of jacobi.py's plain loop (Liu & Qin 2025, Sec. 3-4;
+book/checkpoints.md, "GS-Jacobi strategies"). Every evaluation goes through the engine's
+`guided_conditioner` on static caches, the path of the sequential sampler.
 
-auto_strategy(model, y, guidance, tol, batch): the cheapest strategy whose samples stay within
-`tol` (max |x - x_seq| over all image values) of the sequential sampler on a batch of seeded noise:
+The loop is jacobi.block_inverse_gsj's, with three additions that leave a converged result as it
+is (tests/test_jacobi.py holds the two equal to 1e-12 in float64 on every strategy form):
 
-  1. Sample the batch sequentially, keeping every block's input and output (the reference chain).
-  2. IGM and CRM of every block from that chain (tarflow_ref/diagnostics.py): a forward pass of
-     the samples reproduces it. Each block starts from the guess with the smaller IGM. Blocks
-     whose CRM is at least twice the median ("tough" blocks) may use any G dividing T; the
-     others use plain Jacobi (G = 1) or, as the always-exact fallback, G = T (sequential).
-  3. Per block, from the reference input, the smallest J whose output is within a per-block
-     budget of the reference output, for each allowed G: for G = 1 one run of T - 1 iterations
-     shows every J at once; otherwise a binary search over 1..M-1 (assuming the error falls
-     with J). The block takes the (G, J) with the fewest steps (sequential transformer calls),
-     then the fewest token passes. The budget starts at tol / N.
-  4. Sample the batch with the result; if it misses tol (errors grow through later blocks),
-     quarter the budget and repeat step 3 (at most 6 rounds; then the sequential strategy).
+* early stop: a module stops once ||x^{k+1} - x^k||_2 / (B * D) < eps (the plan's tol; the
+  Euclidean norm over the module's B * M * D values);
+* a module's finishing pass starts at the first token its last iteration changed: the cache rows
+  before it already hold the final tokens' keys and values (strategy.py counts this saving);
+* a Trace records the residuals, the iterates if asked, and the tokens and calls that went through
+  the transformer.
 
-The search costs one sequential sample of the batch, one Jacobi run per block, and O(log M)
-GS-Jacobi runs per tough block and candidate G, per round.
+Shapes: z, x: [B, T, D]; the per-module iterates are [B, M, D].
 """
-import numpy as np
 import torch
 
-from ..diagnostics import Trace, block_metrics_torch
-from ..flow import check_labels
-from ..guidance import Guidance
-from ..jacobi import Ops, solve_block
-from ..model import check_tokens
-from ..patchify import unpatchify
-from ..strategy import BlockPlan, Strategy, as_strategy, block_cost
-from .model import wide
-from .sampling import autocast, block_inverse, guided_conditioner, new_caches
+from ..guidance import Guidance, branches
+from ..jacobi import CLAMP
+from ..strategy import BlockPlan, Cost
+from ..strategy_text import as_strategy
+from ..validation import check_labels, check_tokens
+from .engine import guided_conditioner, new_caches
+from .precision import autocast, wide
+from .sampling import sample
 
-TORCH = Ops(torch.clone, torch.zeros_like, lambda a: torch.exp(wide(a)), torch.clamp, torch.isfinite, torch.where,
-            lambda v: float(torch.linalg.vector_norm(v)),
-            lambda mask: int(mask.to(torch.uint8).argmax()) if bool(mask.any()) else len(mask))
+
+class Trace:
+    """What a GS-Jacobi run did, keyed by FORWARD block index b (and module index i).
+
+    residuals[(b, i)]   ||x^{k+1} - x^k||_2 / (B * D) after each iteration k of module i
+    iterates[(b, i)]    the module's tokens [B, M, D] (block order) after each iteration, if kept
+    token_passes[b]     tokens through the transformer, all guidance branches
+    steps[b]            transformer calls (sequential steps)
+    """
+
+    def __init__(self, keep_iterates: bool = False):
+        self.keep_iterates = keep_iterates
+        self.plans, self.residuals, self.iterates, self.token_passes, self.steps = {}, {}, {}, {}, {}
+
+    def block(self, b: int, plan: BlockPlan, guidance: Guidance | None = None) -> "BlockRecord":
+        self.plans[b] = plan
+        self.token_passes[b] = self.steps[b] = 0
+        return BlockRecord(self, b, branches(guidance))
+
+    def iterations(self, b: int) -> list:
+        """K_i: the iterations each module of block b ran."""
+        return [len(self.residuals.get((b, i), [])) for i in range(self.plans[b].modules)]
+
+    def cost(self) -> Cost:
+        return Cost(sum(self.token_passes.values()), sum(self.steps.values()))
+
+
+class BlockRecord:
+    """The recorder `solve_block` writes to for one block."""
+
+    def __init__(self, trace: Trace, b: int, branches: int):
+        self.trace, self.b, self.branches = trace, b, branches
+        self.keep_iterates = trace.keep_iterates
+
+    def passed(self, tokens: int):
+        self.trace.token_passes[self.b] += tokens * self.branches
+        self.trace.steps[self.b] += 1
+
+    def iteration(self, module: int, residual: float, tokens=None):
+        self.trace.residuals.setdefault((self.b, module), []).append(residual)
+        if tokens is not None:
+            self.trace.iterates.setdefault((self.b, module), []).append(tokens)
+
+
+def initial_guess(u, guess: int):
+    """jacobi.initial_guess: guess 0 -> z, guess 1 -> [z_0, 0, ..., 0]."""
+    x = u.clone()
+    if guess == 1:
+        x[:, 1:] = 0.0
+    return x
+
+
+def affine_step(u, a, m, clamp: bool):
+    """jacobi.affine_step: u * exp(a) + m, optionally clipped; an overflowing value restarts at 0."""
+    x = u * torch.exp(wide(a)) + m
+    if clamp:
+        x = torch.clamp(x, -CLAMP, CLAMP)
+    return torch.where(torch.isfinite(x), x, 0.0)
+
+
+def first_changed(changed) -> int:
+    """Index of the first True of a 1-D mask, or its length."""
+    return int(changed.to(torch.uint8).argmax()) if bool(changed.any()) else len(changed)
+
+
+def solve_block(u, evaluate, plan: BlockPlan, record: BlockRecord | None = None):
+    """GS-Jacobi inverse of one block in its token order. u: [B, T, D] (the block's output z).
+
+    evaluate(x_chunk: [B, n, D], start) -> guided (a, m): [B, n, D] at positions start..start+n-1,
+    writing those positions into the block's KV caches. Returns x: [B, T, D].
+    """
+    B, T, D = u.shape
+    plan.check(T)
+    M = T // plan.modules
+    x = initial_guess(u, plan.guess)
+    watch = plan.tol > 0 or record is not None        # a residual costs a device sync: only when used
+
+    def run(chunk, start):
+        if record is not None:
+            record.passed(chunk.shape[1])
+        return evaluate(chunk, start)
+
+    for i, s in enumerate(range(0, T, M)):
+        e = s + M
+        changed = None                                # [M - 1]: tokens s+1..e-1 the last iteration changed
+        for _ in range(plan.module_iterations(T)):
+            a, m = run(x[:, s:e - 1], s)
+            new = affine_step(u[:, s + 1:e], a, m, plan.clamp)
+            changed = (new != x[:, s + 1:e]).any((0, 2))
+            residual = float(torch.linalg.vector_norm(new - x[:, s + 1:e])) / (B * D) if watch else None
+            x[:, s + 1:e] = new
+            if record is not None:
+                record.iteration(i, residual, x[:, s:e].clone() if record.keep_iterates else None)
+            if residual is not None and residual < plan.tol:
+                break
+        if e < T:
+            first = s if changed is None else min(s + 1 + first_changed(changed), e - 1)
+            a, m = run(x[:, first:e], first)
+            x[:, e] = affine_step(u[:, e], a[:, -1], m[:, -1], plan.clamp)
+    return x
 
 
 @torch.no_grad()
-def block_inverse_gsj(block, z, y=None, plan: BlockPlan = None, guidance: Guidance | None = None, record=None):
+def block_inverse_gsj(block, z, y, plan: BlockPlan, guidance: Guidance | None = None, *,
+                      record: BlockRecord | None = None):
     """Noise -> data for one block by GS-Jacobi. z: [B, T, D] (image order) -> x: [B, T, D]."""
-    if plan is None:
-        raise ValueError("block_inverse_gsj needs a BlockPlan (G, J, guess)")
     u = block.permute(z)
     caches = new_caches(block, u.shape[1])
 
     def evaluate(chunk, start):
         return guided_conditioner(block, chunk, y, start, caches, guidance)
-    return block.permute(solve_block(u, evaluate, plan, TORCH, record))
+    return block.permute(solve_block(u, evaluate, plan, record))
 
 
 @torch.no_grad()
-def inverse_gsj(model, z, y=None, strategy=None, guidance: Guidance | None = None, bf16=False, progress=None,
-                trace=None):
+def inverse_gsj(model, z, y=None, guidance: Guidance | None = None, *, strategy, bf16=False, progress=None,
+                trace: Trace | None = None):
     """Tokens z: [B, T, D] -> data tokens, blocks N-1..0 by `strategy` (a Strategy or text for
-    strategy.parse_strategy). `progress` wraps the block loop (tqdm); trace: diagnostics.Trace."""
+    strategy_text.parse_strategy). `progress` wraps the block loop (tqdm)."""
     cfg = model.config
     strategy = as_strategy(strategy, cfg)
     check_tokens(z, cfg)
@@ -67,125 +153,25 @@ def inverse_gsj(model, z, y=None, strategy=None, guidance: Guidance | None = Non
         for b in (progress(order) if progress else order):
             plan = strategy.block_plan(b, cfg)
             record = None if trace is None else trace.block(b, plan, guidance)
-            z = block_inverse_gsj(model.blocks[b], z, y, plan, guidance, record)
+            z = block_inverse_gsj(model.blocks[b], z, y, plan, guidance, record=record)
     return z
 
 
-@torch.no_grad()
-def sample_gsj(model, noise, y=None, strategy=None, guidance: Guidance | None = None, bf16=False, progress=None,
-               trace=None):
-    """Noise [B, T, D] ~ N(0, I) -> image [B, c, S, S] (before denoising and clipping), like
-    tarflow_ref.sample but by GS-Jacobi. strategy: a Strategy, text, or 'auto' (auto_strategy
-    on a small batch of this model first, with the same labels and guidance)."""
-    cfg = model.config
-    check_tokens(noise, cfg)
-    if isinstance(strategy, str) and strategy.strip() == "auto":
-        check_labels(y, cfg.num_classes, len(noise))          # before the search, not after it
-        strategy = auto_strategy(model, y, guidance)
-    tokens = inverse_gsj(model, noise * model.var.sqrt(), y, strategy, guidance, bf16, progress, trace)
-    return unpatchify(tokens, cfg.patch_size, cfg.channels)
+def gs_jacobi(strategy, trace: Trace | None = None):
+    """The GS-Jacobi sampler of sampling.sample. strategy: a Strategy, text, or 'auto'
+    (strategy_search.auto_strategy on a small batch of the model first, same labels and guidance)."""
+    def sampler(model, z, y=None, guidance: Guidance | None = None, *, bf16=False, progress=None):
+        chosen = strategy
+        if isinstance(strategy, str) and strategy.strip() == "auto":
+            from .strategy_search import auto_strategy
+
+            check_labels(y, model.config.num_classes, len(z))          # before the search, not after it
+            chosen = auto_strategy(model, y, guidance)
+        return inverse_gsj(model, z, y, guidance, strategy=chosen, bf16=bf16, progress=progress, trace=trace)
+    return sampler
 
 
-def divisors(n: int) -> list:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-@torch.no_grad()
-def auto_strategy(model, y=None, guidance: Guidance | None = None, tol: float = 1e-3, batch: int = 8,
-                  seed: int = 0, safety: float = 10.0) -> Strategy:
-    """The strategy with the fewest steps found by the search in the module docstring.
-
-    y: None or labels [B] (their number sets the batch when given). tol: the max abs deviation
-    from the sequential samples that is allowed; the search aims at tol / safety on its own batch,
-    because the largest error of a batch is heavy-tailed: fresh noise can land several times
-    higher than the search batch did.
-    """
-    cfg = model.config
-    if not tol > 0 or not safety >= 1:
-        raise ValueError(f"tolerance must be > 0 and safety >= 1, got tol={tol}, safety={safety}")
-    if y is not None:
-        batch = len(y)
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
-    check_labels(y, cfg.num_classes, batch)
-    T, N = cfg.tokens, cfg.blocks
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    var = model.var
-    noise = torch.randn(batch, T, cfg.token_dim, generator=gen, dtype=torch.float64).to(var) * var.sqrt()
-
-    inputs, outputs = {}, {}                          # the sequential reference chain, per forward block
-    z = noise
-    for b in reversed(range(N)):
-        inputs[b] = z
-        outputs[b] = z = block_inverse(model.blocks[b], z, y, guidance)
-    reference = z
-    if not bool(torch.isfinite(reference).all()):
-        raise ValueError("the sequential samples of the search batch are not finite (the model overflows "
-                         "on this noise); try another seed")
-
-    metrics = {b: block_metrics_torch(model.blocks[b], outputs[b], inputs[b], y) for b in range(N)}
-    crm = np.array([metrics[b][1] for b in range(N)])
-    tough = crm >= 2 * np.median(crm)
-
-    target = tol / safety
-    budget = target / N
-    for _ in range(6):
-        plans = {}
-        for b in range(N):
-            guess = int(np.argmin(metrics[b][0]))
-            candidates = [G for G in divisors(T) if G < T] if tough[b] else [1]
-            plans[b] = _cheapest_plan(model.blocks[b], inputs[b], outputs[b], y, guidance, guess, candidates,
-                                      budget)
-        order = list(reversed(range(N)))              # sampling order
-        strategy = Strategy([plans[b].modules for b in order], [plans[b].iterations for b in order],
-                            [plans[b].guess for b in order])
-        if _max_error(inverse_gsj(model, noise, y, strategy, guidance), reference) <= target:
-            return strategy
-        budget /= 4
-    return Strategy.uniform(N, 0, 1)
-
-
-def _cheapest_plan(block, z, x_ref, y, guidance, guess, candidates, budget) -> BlockPlan:
-    """Fewest steps, then fewest token passes: sequential (always exact), or a candidate G
-    (ascending) with its smallest J, searched only below the steps of the best plan so far."""
-    T = z.shape[1]
-    best_cost, best = block_cost(T, T, [0] * T)[::-1], BlockPlan(T, 1, guess)          # (steps, passes)
-    for G in candidates:
-        most = min(T // G - 1, (best_cost[0] - G) // G)        # G J + G - 1 < best steps
-        plan = _smallest_iterations(block, z, x_ref, y, guidance, G, guess, budget, most) if most >= 1 else None
-        if plan is not None:
-            cost = block_cost(T, G, [plan.iterations] * G)[::-1]
-            if cost < best_cost:
-                best_cost, best = cost, plan
-    return best
-
-
-def _smallest_iterations(block, z, x_ref, y, guidance, G, guess, budget, most):
-    """The BlockPlan with the smallest J in 1..most within budget; None if none."""
-    if G == 1:
-        # plain Jacobi: a run of J iterations passes through the result of every shorter run, so
-        # runs of 4, 8, 16, .. iterations show every J at under twice the cost of the answer
-        target, tried, J = block.permute(x_ref), 0, 4
-        while tried < most:
-            J = min(J, most)
-            trace, plan = Trace(keep_iterates=True), BlockPlan(1, J, guess)
-            block_inverse_gsj(block, z, y, plan, guidance, trace.block(0, plan))
-            for k, x in enumerate(trace.iterates[(0, 0)][tried:], start=tried + 1):
-                if _max_error(x, target) <= budget:
-                    return BlockPlan(1, k, guess)
-            tried, J = J, 2 * J
-        return None
-    # otherwise the finishing passes depend on J: binary search, assuming the error falls with J
-    def within(J):
-        return _max_error(block_inverse_gsj(block, z, y, BlockPlan(G, J, guess), guidance), x_ref) <= budget
-    if not within(most):                              # (a NaN error fails too)
-        return None
-    lo, hi = 1, most
-    while lo < hi:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if within(mid) else (mid + 1, hi)
-    return BlockPlan(G, lo, guess)
-
-
-def _max_error(x, x_ref) -> float:
-    return float((x - x_ref).abs().max())
+def sample_gsj(model, noise, y=None, strategy=None, guidance: Guidance | None = None, *, bf16=False,
+               progress=None, trace: Trace | None = None):
+    """sample(model, noise, y, guidance, sampler=gs_jacobi(strategy, trace)): noise -> image by GS-Jacobi."""
+    return sample(model, noise, y, guidance, sampler=gs_jacobi(strategy, trace), bf16=bf16, progress=progress)

@@ -1,13 +1,18 @@
-"""TarFlow as a torch nn.Module whose state_dict() has exactly the released keys and shapes.
+"""TarFlow as a torch nn.Module whose state_dict() has exactly the released keys and shapes
+(book/checkpoints.md, "State-dict keys and shapes"; params.py lists them).
 
-Each class mirrors one NumPy concept module (attention.py, flow.py, model.py): same names, same
-equations, proven equal by tests/test_torch_vs_numpy.py. Keys (SPEC, "The released files"):
+Each piece mirrors the NumPy reference, same names and equations, proven equal by
+tests/test_torch_vs_numpy.py:
 
-    var                                              [T, D]
-    blocks.{b}.pos_embed / class_embed / attn_mask   [T, C] / [K, 1, C] / [T, T]
-    blocks.{b}.proj_in / proj_out                    Linear(D, C) / Linear(C, 2D)
-    blocks.{b}.attn_blocks.{l}.attention.{norm,qkv,proj}
-    blocks.{b}.attn_blocks.{l}.mlp.{norm,main.0,main.2}
+    Attention.forward        attention.causal_attention      (queries, keys, values; causal mask)
+    MLP, AttentionBlock      attention.mlp, transformer_layer
+    MetaBlock.permute / class_embedding / conditioner / forward
+                             flow.permute / class_embedding / conditioner / block_forward
+    shift                    flow.shift
+    TarFlow.forward, loss    model.forward, logdet.loss
+
+Fast sampling (static caches, device positions, both guidance branches in one batch, CUDA graphs)
+is engine.py's; it uses these modules' weights and layers.
 """
 import torch
 import torch.nn.functional as F
@@ -15,45 +20,16 @@ from einops import rearrange
 from torch import nn
 
 from ..config import TarFlowConfig
-from ..flow import check_labels
+from ..flow import reverses
 from ..logdet import loss as flow_loss
-from ..model import check_image
+from ..params import away_from_init
 from ..patchify import patchify
-
-
-def wide(t):
-    """At least float32: exp and means of bfloat16 values lose too much (the recipe does the same)."""
-    return t.float() if t.element_size() < 4 else t
-
-
-def positions(start, n, device):
-    """[n] long: start..start+n-1. `start` is an int, or a 0-dim device tensor: the position of
-    the sampling engine's CUDA graph, which must stay on the device (no host sync). One position
-    of a tensor start is a view of it: no kernels (arange and add) in the graph's step."""
-    if torch.is_tensor(start) and n == 1:
-        return start.reshape(1)
-    return start + torch.arange(n, device=device)
-
-
-def attention_bias(allowed, h):
-    """The causal mask's rows allowed: [n, T] bool as SDPA's additive form: 0 where a query may
-    attend, -inf elsewhere, in the dtype the queries computed from h will have (autocast's for
-    float32 activations under autocast; autocast leaves float64 alone). SDPA would make this from
-    a boolean mask at every layer (a few small kernels each); the conditioner makes it once."""
-    autocast = torch.is_autocast_enabled(h.device.type) and h.dtype == torch.float32
-    dtype = torch.get_autocast_dtype(h.device.type) if autocast else h.dtype
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
-
-
-def rows(t, start, n, dim=0):
-    """Entries start..start+n-1 of t along `dim`: a view for an int start, a copy for a tensor one."""
-    if torch.is_tensor(start):
-        return t.index_select(dim, positions(start, n, t.device))
-    return t.narrow(dim, start, n)
+from ..validation import check_image, check_labels
+from .precision import wide
 
 
 class Attention(nn.Module):
-    """Pre-norm causal multi-head attention; see tarflow_ref/attention.py for the math."""
+    """Pre-norm causal multi-head attention; attention.py has the math."""
 
     def __init__(self, width, heads):
         super().__init__()
@@ -62,25 +38,27 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, h, allowed, start=0, cache=None, temperature=1.0):
-        """h: [B, n, C] at positions start..start+n-1; allowed: the causal mask's rows of these
-        positions, [n, T], as booleans (True = may attend) or in additive form (attention_bias:
-        0 / -inf; NOT the 1 / 0 of the attn_mask buffer), or None: attend to every key given.
-        temperature: a float, or a per-sample tensor [B, 1, 1, 1]."""
-        qkv = self.qkv(self.norm(h))
-        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        if torch.is_tensor(temperature):
-            # per sample, [B, 1, 1, 1]: guidance's two branches in one batch (sampling engine);
-            # divided in at least float32 so that tau_u is not rounded to bfloat16
-            q, temperature = (wide(q) / temperature).to(q.dtype), 1.0
+    def queries_keys_values(self, h):
+        """q, k, v: [B, H, n, d] from h: [B, n, C] (layer norm, then the qkv layer split by heads)."""
+        return rearrange(self.qkv(self.norm(h)), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+
+    def output(self, o):
+        """The heads' outputs o: [B, H, n, d] concatenated and projected: [B, n, C]."""
+        return self.proj(rearrange(o, "b h n d -> b n (h d)"))
+
+    def forward(self, h, start=0, cache=None, temperature=1.0):
+        """h: [B, n, C] at positions start..start+n-1 -> [B, n, C]; a cache holds the earlier tokens."""
+        q, k, v = self.queries_keys_values(h)
         if cache is not None:
             k, v = cache.write(k, v, start)
         elif start != 0:
             raise ValueError("attention at a later position needs the cache of the earlier tokens")
+        n, keys = q.shape[2], k.shape[2]
+        # query i (position start + i) sees keys 0..start+i; one query at the end sees every key
+        allowed = None if n == 1 else \
+            torch.arange(keys, device=h.device) <= start + torch.arange(n, device=h.device)[:, None]
         scale = 1.0 / (q.shape[-1] ** 0.5 * temperature)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if allowed is None else allowed[:, :k.shape[2]],
-                                             scale=scale)
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+        return self.output(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale))
 
 
 class MLP(nn.Module):
@@ -101,13 +79,18 @@ class AttentionBlock(nn.Module):
         self.attention = Attention(width, heads)
         self.mlp = MLP(width)
 
-    def forward(self, h, allowed, start=0, cache=None, temperature=1.0):
-        h = h + self.attention(h, allowed, start, cache, temperature)
+    def forward(self, h, start=0, cache=None, temperature=1.0):
+        h = h + self.attention(h, start, cache, temperature)
         return h + self.mlp(h)
 
 
+def shift(o):
+    """o'_t = o_{t-1}, o'_0 = 0 along the token axis of o: [B, T, D]."""
+    return F.pad(o[:, :-1], (0, 0, 1, 0))
+
+
 class MetaBlock(nn.Module):
-    """One affine autoregressive flow block (tarflow_ref/flow.py). Odd blocks reverse the tokens."""
+    """One affine autoregressive flow block (flow.py)."""
 
     def __init__(self, cfg: TarFlowConfig, reverse: bool):
         super().__init__()
@@ -142,25 +125,18 @@ class MetaBlock(nn.Module):
     def conditioner(self, u, y, start=0, caches=None, temperature=1.0):
         """Raw a, m: [B, n, D] at positions start..start+n-1 of the block order (before the shift)."""
         n = u.shape[1]
-        pos = rows(self.permute(self.pos_embed, dim=0), start, n)
+        pos = self.permute(self.pos_embed, dim=0)[start:start + n]
         h = self.proj_in(u) + pos + self.class_embedding(y, u.shape[0])
-        # one query attending to every key it is given needs no mask, and SDPA is faster without
-        # one; at a device position (CUDA graph) the static cache hands over a span of slots, so
-        # mask the future. The rows are made once for all layers: [n, T].
-        allowed = None if n == 1 and not torch.is_tensor(start) else \
-            attention_bias(rows(self.attn_mask, start, n) > 0, h)
         for l, layer in enumerate(self.attn_blocks):
-            h = layer(h, allowed, start, None if caches is None else caches[l], temperature)
+            h = layer(h, start, None if caches is None else caches[l], temperature)
         o = self.proj_out(h)
         return o[..., :self.token_dim], o[..., self.token_dim:]
 
     def forward(self, x, y=None):
-        """x: [B, T, D] (image order) -> z: [B, T, D], logdet: [B] (mean over T*D, SPEC)."""
+        """x: [B, T, D] (image order) -> z: [B, T, D], logdet: [B] (the mean over T*D)."""
         u = self.permute(x)
         a, m = self.conditioner(u, y)
-        a = F.pad(a[:, :-1], (0, 0, 1, 0))       # the shift: o'_t = o_{t-1}, o'_0 = 0
-        m = F.pad(m[:, :-1], (0, 0, 1, 0))
-        a = wide(a)
+        a, m = wide(shift(a)), shift(m)
         z = (u - m) * torch.exp(-a)
         return self.permute(z), -a.mean(dim=(1, 2))
 
@@ -172,7 +148,7 @@ class TarFlow(nn.Module):
         super().__init__()
         self.config = cfg
         self.register_buffer("var", torch.ones(cfg.tokens, cfg.token_dim))
-        self.blocks = nn.ModuleList(MetaBlock(cfg, reverse=b % 2 == 1) for b in range(cfg.blocks))
+        self.blocks = nn.ModuleList(MetaBlock(cfg, reverse=reverses(b)) for b in range(cfg.blocks))
 
     def forward(self, x, y=None):
         check_image(x, self.config)
@@ -185,32 +161,18 @@ class TarFlow(nn.Module):
         return z, logdet
 
     def loss(self, x, y=None):
-        """The per-dimension training loss 0.5 mean(z^2) - mean(logdet) (SPEC)."""
+        """The per-dimension training loss 0.5 mean(z^2) - mean(logdet) (logdet.loss)."""
         z, logdet = self(x, y)
         return flow_loss(wide(z), logdet)
 
 
 @torch.no_grad()
 def randomize_(model: TarFlow, seed: int = 0, out_scale: float = 0.3):
-    """Draw every parameter away from the initialisation (which is the identity map, since
-    proj_out starts at zero), for tests, notebooks and benchmarks of untrained models.
-
-    Linear weights ~ N(0, 1/fan_in), embeddings and biases ~ N(0, 0.1^2), layer-norm gains
-    ~ 1 + N(0, 0.1^2); proj_out ~ N(0, out_scale^2 / C), so |a| stays moderate and the inverse
-    stays well conditioned. Returns the model.
-    """
+    """Draw every parameter away from the initialisation (which is the identity map, since proj_out
+    starts at zero) by params.away_from_init, with torch's generator; returns the model. For tests,
+    notebooks and benchmarks of untrained models."""
     gen = torch.Generator().manual_seed(seed)
-
-    def draw(p, std, mean=0.0):
-        p.copy_((torch.randn(p.shape, generator=gen, dtype=torch.float64) * std + mean).to(p.dtype))
-
     for name, p in model.named_parameters():
-        if name.endswith("proj_out.weight"):
-            draw(p, out_scale / p.shape[1] ** 0.5)
-        elif name.endswith("norm.weight"):
-            draw(p, 0.1, 1.0)
-        elif name.endswith("weight") and p.ndim == 2:
-            draw(p, 1.0 / p.shape[1] ** 0.5)
-        else:
-            draw(p, 0.1)
+        mean, std = away_from_init(name, p.shape, out_scale)
+        p.copy_((torch.randn(p.shape, generator=gen, dtype=torch.float64) * std + mean).to(p.dtype))
     return model

@@ -1,23 +1,19 @@
-"""Sequential sampling in torch (SPEC, "Inverse"; the NumPy twin is tarflow_ref/flow.py
-`block_inverse`): noise -> image through every block's exact inverse, token by token,
+"""Sampling in torch (book/checkpoints.md, "Inverse, guidance and sampling"; the NumPy twin is
+model.sample): noise -> image through the inverse of every block,
 
-    x_0 = z_0;   x_{t+1} = z_{t+1} * exp(a_t) + m_t,   (a_t, m_t) from tokens 0..t,  t = 0..T-2
+    image = unpatchify(inverse(noise * sqrt(var))),
 
-with classifier-free guidance and optional bfloat16 autocast. It runs on the sampling engine
-(engine.py: static KV caches, both guidance branches in one batch, CUDA graphs); the readable
-token-by-token loop it is tested against is textbook.py. The block-evaluation primitive of every
-torch sampler, `guided_conditioner(block, x_chunk, y, start, caches, guidance)` with
-`caches = new_caches(block, T)`, lives in the engine and is re-exported here.
+where the sampler that inverts the blocks is a choice: the sequential inverse on the sampling
+engine (engine.py, the default), GS-Jacobi (jacobi.gs_jacobi(strategy)), or the readable loop the
+engine is tested against (textbook.inverse). A sampler is any function
+sampler(model, z, y, guidance, bf16=..., progress=...) -> tokens.
 """
 import torch
 
-from ..flow import check_labels
 from ..guidance import Guidance
-from ..model import check_tokens
 from ..patchify import unpatchify
-from .engine import Engine, KVCache, autocast, guided_conditioner, new_caches
-
-__all__ = ["sample", "Sampler", "inverse", "block_inverse", "guided_conditioner", "new_caches", "KVCache", "autocast"]
+from ..validation import check_labels, check_tokens
+from .engine import Engine
 
 
 @torch.no_grad()
@@ -27,9 +23,9 @@ def block_inverse(block, z, y=None, guidance: Guidance | None = None, bf16=False
 
 
 @torch.no_grad()
-def inverse(model, z, y=None, guidance: Guidance | None = None, bf16=False, progress=None, engine=None):
-    """Tokens z: [B, T, D] -> data tokens, blocks N-1..0. `progress` wraps the block loop (tqdm).
-    engine: an Engine of this model, batch size and setting to reuse (default: a new one)."""
+def inverse(model, z, y=None, guidance: Guidance | None = None, *, bf16=False, progress=None, engine=None):
+    """Tokens z: [B, T, D] -> data tokens, blocks N-1..0, sequentially. `progress` wraps the block
+    loop (tqdm). engine: an Engine of this model, batch size and setting to reuse (default: a new one)."""
     check_tokens(z, model.config)
     check_labels(y, model.config.num_classes, len(z))
     engine = engine or Engine(model.blocks, len(z), guidance, bf16)
@@ -37,14 +33,10 @@ def inverse(model, z, y=None, guidance: Guidance | None = None, bf16=False, prog
 
 
 @torch.no_grad()
-def sample(model, noise, y=None, guidance: Guidance | None = None, bf16=False, progress=None, *,
-           sampler=inverse):
-    """Noise [B, T, D] ~ N(0, I) -> image [B, c, S, S] (before denoising and clipping).
-
-    `sampler` is any function with `inverse`'s signature (textbook.inverse: the baseline loop).
-    """
+def sample(model, noise, y=None, guidance: Guidance | None = None, *, sampler=inverse, bf16=False, progress=None):
+    """Noise [B, T, D] ~ N(0, I) -> image [B, c, S, S] (before denoising and clipping)."""
     check_tokens(noise, model.config)
-    tokens = sampler(model, noise * model.var.sqrt(), y, guidance, bf16, progress)
+    tokens = sampler(model, noise * model.var.sqrt(), y, guidance, bf16=bf16, progress=progress)
     return unpatchify(tokens, model.config.patch_size, model.config.channels)
 
 
@@ -64,12 +56,12 @@ class Sampler:
         self.engines = {}                                  # batch size -> Engine
 
     def __call__(self, noise, y=None, progress=None):
-        """Noise [B, T, D] ~ N(0, I) -> image [B, c, S, S], as sample(model, noise, y, guidance, bf16)."""
-        return sample(self.model, noise, y, self.guidance, self.bf16, progress, sampler=self.inverse)
+        """Noise [B, T, D] ~ N(0, I) -> image [B, c, S, S], as sample(model, noise, y, guidance)."""
+        return sample(self.model, noise, y, self.guidance, sampler=self.inverse, bf16=self.bf16, progress=progress)
 
-    def inverse(self, model, z, y, guidance, bf16, progress):
-        """sample()'s `sampler`: `inverse` on this Sampler's engine for the batch size of z."""
+    def inverse(self, model, z, y, guidance, *, bf16, progress):
+        """The sampler: `inverse` on this Sampler's engine for the batch size of z."""
         batch = len(z)
         if batch not in self.engines:
             self.engines[batch] = Engine(model.blocks, batch, guidance, bf16)
-        return inverse(model, z, y, guidance, bf16, progress, self.engines[batch])
+        return inverse(model, z, y, guidance, bf16=bf16, progress=progress, engine=self.engines[batch])

@@ -1,6 +1,6 @@
 """The textbook sequential sampler: the readable baseline that the engine (engine.py) must equal.
 
-The same inverse as sampling.py (SPEC, "Inverse"):
+The same inverse as the engine (book/checkpoints.md, "Inverse, guidance and sampling"):
 
     x_0 = z_0;   x_{t+1} = z_{t+1} * exp(a_t) + m_t,   (a_t, m_t) from tokens 0..t,  t = 0..T-2
 
@@ -12,11 +12,9 @@ per block. tests/test_engine.py proves the engine equal to it; benchmarks/sampli
 """
 import torch
 
-from ..flow import check_labels
 from ..guidance import Guidance, guided
-from ..model import check_tokens
-from .engine import autocast
-from .model import wide
+from ..validation import check_labels, check_tokens
+from .precision import autocast, wide
 
 
 class GrowingKVCache:
@@ -65,8 +63,8 @@ def block_inverse(block, z, y=None, guidance: Guidance | None = None, steps: int
 
 
 @torch.no_grad()
-def inverse(model, z, y=None, guidance: Guidance | None = None, bf16=False, progress=None):
-    """Tokens z: [B, T, D] -> data tokens, blocks N-1..0 (sampling.inverse's signature)."""
+def inverse(model, z, y=None, guidance: Guidance | None = None, *, bf16=False, progress=None):
+    """Tokens z: [B, T, D] -> data tokens, blocks N-1..0 (a sampler of sampling.sample)."""
     check_tokens(z, model.config)
     check_labels(y, model.config.num_classes, len(z))
     blocks = list(reversed(model.blocks))

@@ -1,5 +1,5 @@
 """Score denoising: one step of Tweedie's formula removes the training noise from samples
-(SPEC, "Score denoising"; Zhai et al. 2024, Sec. 2.5). NumPy reference.
+(book/checkpoints.md, "Score denoising"; Zhai et al. 2024, Sec. 2.5). NumPy reference.
 
 TarFlow is trained on x = x0 + sigma * eps, eps ~ N(0, I), so it models the NOISY density p and
 its samples carry that noise. For Gaussian noise the posterior mean of the clean image is exactly
@@ -15,30 +15,12 @@ of B images and their N = S^2 c values: L = (1/B) sum_i nll_i / N, nll_i = -log 
 since grad_{x_i} L = -(1/(B N)) grad log p(x_i) makes lambda * grad L = -factor * sigma^2 * score.
 `factor` = 1 is the theoretical optimum; the released evaluation uses about 0.9-1.4 per model.
 The B in lambda cancels against the 1/B of the mean, so the step is per sample and any split of
-the batch into chunks gives the same result (tarflow_ref/torch_backend/denoise.py relies on it).
+the batch into chunks gives the same result (torch_backend/denoising.py relies on it).
 
 Shapes: x: [B, c, S, S] images, y: [B] labels (< 0 or None: the mean class embedding).
 """
-import math
-
 from .backward import grad_log_prob
-
-
-def noise_sigma(cfg, sigma=None) -> float:
-    """The sigma of the denoising step: the explicit one, else the model's training noise."""
-    sigma = cfg.noise_std if sigma is None else sigma
-    if sigma is None:
-        raise ValueError("this model has no training noise sigma (config.noise_std is None, e.g. a file "
-                         "name without the released pattern); pass sigma= explicitly")
-    if not (math.isfinite(sigma) and sigma > 0):
-        raise ValueError(f"noise sigma must be a finite number > 0, got {sigma}")
-    return float(sigma)
-
-
-def check_factor(factor) -> float:
-    if not (math.isfinite(factor) and factor >= 0):
-        raise ValueError(f"denoising factor must be a finite number >= 0 (1.0 is Tweedie's optimum), got {factor}")
-    return float(factor)
+from .validation import check_factor, noise_sigma
 
 
 def step_size(cfg, batch: int, sigma: float, factor: float = 1.0) -> float:

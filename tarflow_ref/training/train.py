@@ -31,12 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import _unpickler_reason, check_state_dict, read_state_dict, written_atomically
-from .config import TarFlowConfig
+from ..config import TarFlowConfig
+from ..io.checkpoint import _unpickler_reason, check_state_dict, read_state_dict, written_atomically
+from ..logdet import bits_per_dim, dequantize
+from ..torch_backend.model import TarFlow
+from ..torch_backend.precision import autocast
 from .data import load_dataset, to_model_range
-from .logdet import bits_per_dim, dequantize
-from .torch_backend.engine import autocast
-from .torch_backend.model import TarFlow
 
 RESUME_SUFFIX = ".resume.pt"
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import RELEASED_FILES, ConfigError, TarFlowConfig, sigma_from_name
+from ..config import RELEASED_FILES, ConfigError, TarFlowConfig, sigma_from_name
 
 DEFAULT_HUB_REPO = "apple/TarFlow"
 
@@ -126,7 +126,7 @@ def load_checkpoint(path, *, device="cpu", noise_std: float | None = None, head_
     sigma comes from `noise_std`, else from a file name of the released pattern, else None.
     Returns a torch `TarFlow` in eval mode with `.config`.
     """
-    from .torch_backend.model import TarFlow
+    from ..torch_backend.model import TarFlow
 
     state = read_state_dict(path)
     sigma = noise_std if noise_std is not None else sigma_from_name(path)
@@ -149,7 +149,7 @@ def to_numpy(model_or_state, dtype=np.float64) -> dict:
 
 def from_numpy(params: dict, cfg: TarFlowConfig, dtype=torch.float64):
     """A torch TarFlow holding the NumPy parameters, loaded strictly."""
-    from .torch_backend.model import TarFlow
+    from ..torch_backend.model import TarFlow
 
     model = TarFlow(cfg).to(dtype)
     state = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dtype) for k, v in params.items()}
@@ -171,7 +171,8 @@ def download_release(name: str, *, repo_id: str = DEFAULT_HUB_REPO, cache_dir=No
         return Path(hf_hub_download(repo_id=repo_id, filename=name, cache_dir=cache_dir))
     except Exception as err:  # offline, unknown repo, HTTP errors: all end the same way for the user
         raise CheckpointError(f"could not download '{name}' from the hub repo '{repo_id}' "
-                              f"(offline?): {_first_line(err)}. Download it elsewhere and pass the local path.") from None
+                              f"(offline?): {_first_line(err)}. Download it elsewhere and pass the local path."
+                              ) from None
 
 
 def _unpickler_reason(err) -> str:

@@ -1,5 +1,5 @@
 """Score denoising in torch: x_hat = x - lambda * grad_x loss, autograd through `TarFlow.loss`
-(SPEC, "Score denoising"; the math and the NumPy twin are in tarflow_ref/denoise.py).
+(book/checkpoints.md, "Score denoising"; the math and the NumPy twin are in denoising.py).
 
 The batch is processed in chunks of at most `chunk_size` images so that the activations kept for
 the backward pass stay bounded. Each chunk of b images uses the released step for ITS OWN batch
@@ -7,8 +7,7 @@ size, lambda_b = b * S^2 * c * sigma^2 * factor: the b cancels against the 1/b o
 batch-mean loss, so every image gets the same per-sample step, sigma^2 * factor * score, whatever
 the chunking (tested in tests/test_denoise.py). Only grad_x is needed, so the parameters stop
 requiring gradients for the duration: autograd then keeps no inputs of the linear layers, which
-cuts the activation memory by about a third (0.68 vs 1.06 GiB per 64x64 image of the
-imagenet_model_4_1024 configuration). With bf16=True the loss is computed under
+cuts the activation memory (benchmarks/RESULTS.md). With bf16=True the loss is computed under
 bfloat16 autocast, as the released evaluation does on CUDA (on the CPU it runs too, slowly: that
 is how the tests reach it).
 
@@ -18,10 +17,9 @@ import contextlib
 
 import torch
 
-from ..denoise import check_factor, noise_sigma, step_size
-from ..flow import check_labels
-from ..model import check_image
-from .engine import autocast, check_bf16_model
+from ..denoising import step_size
+from ..validation import check_factor, check_image, check_labels, noise_sigma
+from .precision import autocast, check_bf16_model
 
 
 @contextlib.contextmanager
@@ -36,7 +34,7 @@ def frozen(model):
             p.requires_grad_(flag)
 
 
-def denoise(model, x, y=None, factor=1.0, chunk_size=None, bf16=False, progress=None, sigma=None):
+def denoise(model, x, y=None, *, factor=1.0, chunk_size=None, bf16=False, progress=None, sigma=None):
     """One Tweedie step on every image; `progress` wraps the loop over chunks (e.g. tqdm).
 
     sigma defaults to model.config.noise_std (a ValueError if the model has none and none is given).

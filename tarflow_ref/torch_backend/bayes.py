@@ -13,7 +13,7 @@ Shapes: images x: [B, c, S, S] in [-1, 1] -> log-likelihoods and log-posteriors 
 """
 import torch
 
-from .logdet import nll_per_dim
+from ..logdet import nll_per_dim
 
 
 @torch.no_grad()

@@ -1,0 +1,41 @@
+"""The command line: `python -m tarflow_ref {sample,trace,train,bpd,assignments} ...` (console script
+`tarflow-ref`), one module per command:
+
+    sample   noise -> images with the sequential (or GS-Jacobi) sampler, guidance, denoising,
+             saved as a PNG grid (and optionally .npy); defaults to the bundled digits model
+    trace    one row per image: the noise, the image after each flow block in sampling order,
+             the denoised image
+    train    the released recipe on the digits or an image folder (training/train.py)
+    bpd      bits per dimension of a checkpoint on the digits or an image folder
+    assignments release | grade
+             student versions of the course assignments; points of a student's notebook
+
+Every bad value raises common.CommandError before any work; `main` prints it as one line on
+stderr and exits with code 2. Images leave the model in [-1, 1] (plus the training noise); like
+the released evaluation, batches holding NaN are redrawn, values are clipped to [-1, 1] and
+mapped to [0, 1].
+"""
+from . import assignments, bpd, sample, trace, train
+from .common import CommandError, Parser, drawing_options, model_options
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="tarflow-ref", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    model, drawing = model_options(), drawing_options()
+    runs = {sample.add(commands, [model, drawing]): sample.run,
+            trace.add(commands, [model, drawing]): trace.run,
+            train.add(commands, []): train.run,
+            bpd.add(commands, [model]): bpd.run,
+            **assignments.add(commands)}
+    for command, run in runs.items():
+        command.set_defaults(run=run, command_parser=command)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except CommandError as err:
+        args.command_parser.error(str(err))

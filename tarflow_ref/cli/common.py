@@ -1,0 +1,225 @@
+"""What the commands share: the one error type, the argument parser, the model and drawing flags,
+loading the model and labels, drawing in batches and writing the PNG grid."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+MAX_REDRAWS = 10
+SMALL_WIDTH = 128
+
+
+class CommandError(Exception):
+    """A bad value: `main` prints it as one line on stderr and exits with code 2, before any work."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but an error is ONE line on stderr (no usage block) and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def finite(text: str) -> float:
+    """argparse type of every real-valued flag: nan or inf would pass the range checks unnoticed."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: '{text}'") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got '{text}'")
+    return value
+
+
+def at_least_one(flag: str, value):
+    if value is not None and value < 1:
+        raise CommandError(f"{flag} must be at least 1, got {value}")
+
+
+def model_options() -> Parser:
+    """--ckpt, --device, --seed, --threads: the flags of every command that loads a checkpoint."""
+    model = Parser(add_help=False)
+    model.add_argument("--ckpt", type=Path,
+                       help="checkpoint file (released or trained); default: the bundled digits model")
+    model.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (default: cpu)")
+    model.add_argument("--seed", type=int, default=0, help="random seed of the noise (default: 0)")
+    model.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 for models of width "
+                       f"<= {SMALL_WIDTH}, whose per-token products are too small to share; else torch's default)")
+    return model
+
+
+def drawing_options() -> Parser:
+    """The flags of the commands that draw images: count, classes, guidance, denoising, precision."""
+    draw = Parser(add_help=False)
+    draw.add_argument("--n", type=int, help="number of images (default: sample 20, trace 4)")
+    draw.add_argument("--class", dest="classes", type=int, nargs="+", metavar="LABEL",
+                      help="class label(s), cycled over the images; default: all classes in turn")
+    draw.add_argument("--cfg", type=finite, help="classifier-free guidance weight g >= 0 "
+                      "(default: the bundled model's recommended weight, else 0)")
+    draw.add_argument("--guide-what", choices=["a", "b", "ab"], default="ab",
+                      help="guide the log-scale (a), the shift (b) or both (default: ab)")
+    draw.add_argument("--annealed", action="store_true",
+                      help="anneal the guidance weight along the tokens: g (t+1)/(T-1)")
+    draw.add_argument("--attn-temp", type=finite, default=1.0,
+                      help="attention temperature of the unconditional branch (default: 1)")
+    draw.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=True,
+                      help="remove the training noise with one score step (default: on)")
+    draw.add_argument("--denoise-factor", type=finite, default=1.0,
+                      help="multiplies the step size lambda = B S^2 c sigma^2 (default: 1.0, the theoretical optimum)")
+    draw.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
+    draw.add_argument("--batch-size", type=int, default=64, help="images per sampling batch (default: 64)")
+    draw.add_argument("--scale", type=int, help="enlarge each pixel this many times in the PNG "
+                      "(default: to at least 64 pixels per image)")
+    return draw
+
+
+def progress(desc, leave=False):
+    """A wrapper that shows a tqdm bar while iterating; the tqdm object also takes set_postfix."""
+    from tqdm.auto import tqdm
+    return lambda items: tqdm(items, desc=desc, leave=leave, dynamic_ncols=True)
+
+
+def set_threads(args):
+    import torch
+
+    at_least_one("--threads", args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+
+def load_model(args):
+    """The checkpoint (default: bundled) on the requested device."""
+    import torch
+
+    from ..assets import bundled_checkpoint
+    from ..io.checkpoint import CheckpointError, load_checkpoint
+    from ..training.train import check_device
+
+    try:
+        check_device(args.device, getattr(args, "bf16", False))
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    set_threads(args)
+    path = args.ckpt if args.ckpt is not None else bundled_checkpoint()
+    if not path.is_file():
+        raise CommandError(f"checkpoint {path} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
+    try:
+        model = load_checkpoint(path, device=args.device)
+    except CheckpointError as err:
+        raise CommandError(str(err)) from None
+    if args.threads is None and model.config.width <= SMALL_WIDTH:
+        torch.set_num_threads(1)
+    return model
+
+
+def drawing_guidance(args):
+    """Validate the drawing flags that need no model; returns the Guidance (None when off)."""
+    from ..assets import BUNDLED_GUIDANCE
+    from ..guidance import Guidance
+
+    for flag, value in (("--n", args.n), ("--batch-size", args.batch_size), ("--scale", args.scale)):
+        at_least_one(flag, value)
+    if args.denoise_factor < 0:
+        raise CommandError(f"--denoise-factor must be >= 0, got {args.denoise_factor}")
+    weight = args.cfg if args.cfg is not None else (BUNDLED_GUIDANCE if args.ckpt is None else 0.0)
+    try:
+        guidance = Guidance(weight, args.guide_what, args.annealed, args.attn_temp)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    return guidance if guidance.active else None
+
+
+def labels_for(args, cfg):
+    """Labels [n] cycling through --class (default: every class), or None for an unconditional model."""
+    import torch
+
+    if not cfg.conditional:
+        if args.classes is not None:
+            raise CommandError("this model is unconditional: it takes no --class")
+        return None
+    bad = [c for c in args.classes or [] if not 0 <= c < cfg.num_classes]
+    if bad:
+        raise CommandError(f"unknown class {bad[0]}: this model has classes 0..{cfg.num_classes - 1}")
+    cycle = args.classes or list(range(cfg.num_classes))
+    return torch.tensor([cycle[i % len(cycle)] for i in range(args.n)])
+
+
+def denoiser(args, cfg):
+    """The score-denoising step, or None with --no-denoise."""
+    if not args.denoise:
+        return None
+    if cfg.noise_std is None:
+        raise CommandError("the checkpoint's sigma is unknown (its name does not follow the released pattern); "
+                           "use --no-denoise")
+    from ..torch_backend.denoising import denoise
+
+    return denoise
+
+
+def draw_images(model, args, labels, sampler, denoise=None):
+    """Images [n, c, S, S] in model range, in batches; a batch holding NaN is drawn again."""
+    import torch
+
+    cfg = model.config
+    gen = torch.Generator().manual_seed(args.seed)
+    out = []
+    for start in range(0, args.n, args.batch_size):
+        n = min(args.batch_size, args.n - start)
+        y = None if labels is None else labels[start:start + n].to(args.device)
+        for _ in range(MAX_REDRAWS):
+            noise = torch.randn(n, cfg.tokens, cfg.token_dim, generator=gen).to(args.device)
+            x = sampler(noise, y)
+            if not torch.isnan(x).any():
+                break
+        else:
+            sys.exit(f"tarflow-ref: {MAX_REDRAWS} batches in a row came out NaN; try a lower --cfg")
+        if denoise is not None:
+            x = denoise(model, x, y, factor=args.denoise_factor, bf16=args.bf16, progress=progress("denoise"))
+        out.append(x.detach().float().cpu())
+    return torch.cat(out)
+
+
+def save_grid(images, path: Path, cols: int, scale: int):
+    """images: [n, c, S, S] in [0, 1] -> one PNG, `cols` per row, a 1-pixel grey frame, pixels enlarged.
+    An existing file at `path` is replaced only once the new PNG is complete."""
+    from einops import rearrange
+    from PIL import Image
+
+    from ..io.checkpoint import written_atomically
+
+    n, c, S, _ = images.shape
+    rows = math.ceil(n / cols)
+    canvas = np.full((rows * cols, c, S + 2, S + 2), 0.5)
+    canvas[:n, :, 1:-1, 1:-1] = images
+    grid = rearrange(canvas, "(r q) c h w -> (r h) (q w) c", r=rows)
+    pixels = np.rint(grid * 255).astype(np.uint8)
+    img = Image.fromarray(pixels[..., 0] if c == 1 else pixels)
+    img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    with written_atomically(path) as partial:
+        img.save(partial)
+
+
+def check_out(path: Path, suffix=".png"):
+    """Everything that would stop the final write, checked before any sampling."""
+    if path.suffix.lower() != suffix:
+        raise CommandError(f"{path}: the output must be a {suffix} file")
+    if not path.parent.is_dir():
+        raise CommandError(f"{path.parent}: no such folder for the output")
+    if path.is_dir():
+        raise CommandError(f"{path}: is a folder; the output must be a file")
+    if not os.access(path.parent, os.W_OK):
+        raise CommandError(f"{path.parent}: the output folder is not writable")
+
+
+def check_data(args):
+    if args.data != "digits" and not Path(args.data).is_dir():
+        raise CommandError(f"--data {args.data}: neither 'digits' nor an existing folder")
+
+
+def default_scale(args, cfg):
+    return args.scale if args.scale is not None else max(1, math.ceil(64 / (cfg.image_size + 2)))

@@ -1,0 +1,66 @@
+"""`train`: the released recipe on the digits or an image folder (training/train.py)."""
+from pathlib import Path
+
+from .common import CommandError, check_data, finite, progress, set_threads
+
+
+def add(commands, parents):
+    p = commands.add_parser("train", parents=parents, help="train a TarFlow by the released recipe",
+                            description="Train on the digits or an image folder; writes the checkpoint "
+                                        "{dataset}_model_{P}_{C}_{blocks}_{layers}_{sigma}.pth and a .resume.pt "
+                                        "beside it.")
+    p.add_argument("--data", default="digits",
+                   help="'digits' (scikit-learn, 8x8 grey) or a folder with one sub-folder per class")
+    p.add_argument("--image-size", type=int, help="image size S for a folder (digits: 8)")
+    p.add_argument("--channels", type=int, choices=[1, 3],
+                   help="1 (grey) or 3 (RGB); default: 1 for digits, 3 for folders")
+    p.add_argument("--patch", type=int, default=1, help="patch size P (default: 1)")
+    p.add_argument("--width", type=int, default=64, help="model width C, a multiple of 64 (default: 64)")
+    p.add_argument("--blocks", type=int, default=4, help="flow blocks (default: 4)")
+    p.add_argument("--layers", type=int, default=1, help="transformer layers per block (default: 1)")
+    p.add_argument("--sigma", type=finite, default=0.1, help="noise augmentation sigma (default: 0.1)")
+    p.add_argument("--unconditional", action="store_true", help="ignore the labels")
+    p.add_argument("--steps", type=int, default=2000, help="optimiser steps of the whole schedule (default: 2000)")
+    p.add_argument("--stop-after", type=int, help="stop (and save) after this many steps; continue later with --resume")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step (default: 64)")
+    p.add_argument("--lr", type=finite, default=1e-3, help="peak learning rate (default: 1e-3)")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default: 100)")
+    p.add_argument("--weight-decay", type=finite, default=1e-4, help="AdamW weight decay (default: 1e-4)")
+    p.add_argument("--drop-label", type=finite, default=0.1, help="probability of dropping a label (default: 0.1)")
+    p.add_argument("--flip", action="store_true", help="random horizontal flips (natural images; not digits)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (default: cpu)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's default)")
+    p.add_argument("--out-dir", type=Path, default=Path("."), help="folder for the checkpoint (default: .)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue the checkpoint in --out-dir")
+    group.add_argument("--force", action="store_true", help="overwrite an existing checkpoint and start over")
+    return p
+
+
+def run(args):
+    from ..training.train import TrainSettings, train
+
+    digits = args.data == "digits"
+    check_data(args)
+    if not digits and args.image_size is None:
+        raise CommandError("training on a folder needs --image-size")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise CommandError(f"--stop-after must be at least 1, got {args.stop_after}")
+    set_threads(args)
+    try:
+        settings = TrainSettings(
+            data=args.data, image_size=8 if args.image_size is None else args.image_size,   # digits: 8 only
+            channels=args.channels or (1 if digits else 3), patch_size=args.patch, width=args.width,
+            blocks=args.blocks, layers=args.layers, noise_std=args.sigma, conditional=not args.unconditional,
+            steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+            weight_decay=args.weight_decay, drop_label=args.drop_label, flip=args.flip, seed=args.seed,
+            device=args.device, bf16=args.bf16)
+        result = train(settings, args.out_dir, resume=args.resume, force=args.force,
+                       stop_after=args.stop_after, progress=progress("train", leave=True))
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        raise CommandError(str(err)) from None
+    tail = result.losses[-100:]
+    print(f"wrote {result.checkpoint} after {result.step} of {settings.steps} steps; "
+          f"mean loss of the last {len(tail)} steps {sum(tail) / max(1, len(tail)):.4f}")

@@ -1,0 +1,1 @@
+"""Training by the released recipe (train.py) on image data sets (data.py), in torch."""
