@@ -116,12 +116,17 @@ def build_parser() -> Parser:
     tr.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
     tr.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's default)")
     tr.add_argument("--out-dir", type=Path, default=Path("."), help="folder for the checkpoint (default: .)")
+    tr.add_argument("--save-every", type=int, metavar="STEPS",
+                    help="also write the checkpoint every STEPS steps (default: by time only)")
+    tr.add_argument("--save-minutes", type=finite, metavar="MINUTES",
+                    help="write the checkpoint every MINUTES minutes, 0 for never (default: train.SAVE_MINUTES, "
+                         "5); it is always written at the end and when Ctrl-C or SIGTERM stops the run")
     group = tr.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue the checkpoint in --out-dir")
     group.add_argument("--force", action="store_true", help="overwrite an existing checkpoint and start over")
 
     b = sub.add_parser("bpd", parents=[model], help="bits per dimension of a checkpoint on a data set",
-                       description="Bits per dimension (SPEC: uniform dequantisation of 8-bit values).")
+                       description="Bits per dimension (uniform dequantisation of 8-bit values).")
     b.add_argument("--data", default="digits", help="'digits' or a folder with one sub-folder per class (default: digits)")
     b.add_argument("--split", choices=["train", "test", "all"], default="test",
                    help="digits split (default: test, the 360 held-out images)")
@@ -149,9 +154,17 @@ def build_parser() -> Parser:
 
 
 def main(argv=None):
+    from .extras import missing_extra_message
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.run(args, args.fail)
+    try:
+        args.run(args, args.fail)
+    except ModuleNotFoundError as err:
+        message = missing_extra_message(err, f"{parser.prog} {args.command}")
+        if message is None:
+            raise
+        args.fail(message)
 
 
 # ---- shared by the subcommands -------------------------------------------------------------------
@@ -401,7 +414,7 @@ def run_trace(args, fail):
 # ---- train ----------------------------------------------------------------------------------------
 
 def run_train(args, fail):
-    from .train import TrainSettings, train
+    from .train import SAVE_MINUTES, TrainSettings, train
 
     digits = args.data == "digits"
     check_data(args, fail)
@@ -409,6 +422,10 @@ def run_train(args, fail):
         fail("training on a folder needs --image-size")
     if args.stop_after is not None and args.stop_after < 1:
         fail(f"--stop-after must be at least 1, got {args.stop_after}")
+    if args.save_every is not None and args.save_every < 1:
+        fail(f"--save-every must be at least 1, got {args.save_every}")
+    if args.save_minutes is not None and args.save_minutes < 0:
+        fail(f"--save-minutes must be >= 0, got {args.save_minutes}")
     check_threads(args, fail)
     try:
         settings = TrainSettings(
@@ -418,10 +435,17 @@ def run_train(args, fail):
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
             weight_decay=args.weight_decay, drop_label=args.drop_label, flip=args.flip, seed=args.seed,
             device=args.device, bf16=args.bf16)
-        result = train(settings, args.out_dir, resume=args.resume, force=args.force,
-                       stop_after=args.stop_after, progress=progress("train", leave=True))
+        result = train(settings, args.out_dir, resume=args.resume, force=args.force, stop_after=args.stop_after,
+                       progress=progress("train", leave=True), save_every=args.save_every,
+                       save_minutes=SAVE_MINUTES if args.save_minutes is None else args.save_minutes or None)
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         fail(str(err))
+    if result.interrupted:
+        import signal
+
+        print(f"stopped by {result.interrupted} after {result.step} of {settings.steps} steps; "
+              + (f"{result.checkpoint} holds them: continue with --resume" if result.step else "nothing written"))
+        sys.exit(128 + signal.Signals[result.interrupted].value)
     tail = result.losses[-100:]
     print(f"wrote {result.checkpoint} after {result.step} of {settings.steps} steps; "
           f"mean loss of the last {len(tail)} steps {sum(tail) / max(1, len(tail)):.4f}")
@@ -453,8 +477,11 @@ def run_bpd(args, fail):
     use_labels = cfg.conditional and not args.unlabelled
     if use_labels and labels.max() >= cfg.num_classes:
         fail(f"the data have {labels.max() + 1} classes, the model {cfg.num_classes}; use --unlabelled")
-    bpd = evaluate_bpd(model, images, labels if use_labels else None, batch_size=args.batch_size,
-                       seed=args.seed, progress=progress("bpd"))
+    try:
+        bpd = evaluate_bpd(model, images, labels if use_labels else None, batch_size=args.batch_size,
+                           seed=args.seed, progress=progress("bpd"))
+    except ValueError as err:
+        fail(str(err))
     print(f"bits/dim {bpd:.4f} ({where}, {len(images)} images, {'labelled' if use_labels else 'unlabelled'})")
 
 

@@ -221,7 +221,7 @@ NAME = "imagenet_model_4_1024_8_8_0.05.pth"
 
 def test_download_without_huggingface_hub(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)            # makes the import fail
-    with pytest.raises(CheckpointError, match=r"downloading needs the optional package huggingface_hub .*pass a local path"):
+    with pytest.raises(CheckpointError, match=r"downloading needs the optional package huggingface_hub: pip install .tarflow_ref\[hub\].; or pass a local path"):
         download_release(NAME)
 
 

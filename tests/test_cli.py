@@ -20,7 +20,8 @@ from tarflow_ref.assets import bundled_checkpoint
 from tarflow_ref.cli import main, save_grid
 from tarflow_ref.data import load_digits_split, load_image_folder, to_model_range
 from tarflow_ref.torch_backend.model import randomize_
-from tarflow_ref.train import evaluate_bpd, save_model
+from tarflow_ref.checkpoint import save_model
+from tarflow_ref.train import evaluate_bpd
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -140,7 +141,7 @@ BAD_INPUT = [
     (["train", "--width", "96"], "width must be a multiple of 64"),
     (["train", "--patch", "3"], "image size 8 is not divisible by patch size 3"),
     (["train", "--data", "no_such_folder"], "--data no_such_folder: neither 'digits' nor an existing folder"),
-    (["train", "--resume"], "cannot resume: digits_model_1_64_4_1_0.10.pth does not exist"),
+    (["train", "--resume"], "cannot resume: digits_model_1_64_4_1_0.10.resume.pt does not exist"),
     (["train", "--resume", "--force"], "argument --force: not allowed with argument --resume"),
     (["bpd", "--split", "valid"], "argument --split: invalid choice: 'valid'"),
     (["bpd", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
