@@ -263,13 +263,14 @@ def load_checkpoint(path, *, device="cpu", noise_std: float | None = None, head_
     if head_dim is None:
         head_dim = 64 if recorded is None else recorded.head_dim
     name = parse_name(path)
-    if noise_std is None:
+    chosen = noise_std is not None
+    if not chosen:
         noise_std = recorded.noise_std if recorded is not None else None if name is None else name.noise_std
     cfg = config_from_state_dict(state, noise_std=noise_std, head_dim=head_dim)
     with torch.device("meta"):  # shapes only: a full-size random init would cost seconds, then be overwritten
         model = TarFlow(cfg)
     check_state_dict(state, model.state_dict())
-    check_names_and_record(path, cfg, recorded)
+    check_names_and_record(path, cfg, recorded, sigma_chosen=chosen)
     bad = nonfinite_keys(state)     # last: on a full-size file it reads every weight
     if bad:
         raise CheckpointError(f"{path}: {nonfinite_message(bad)}; it cannot be evaluated or sampled")
@@ -278,9 +279,10 @@ def load_checkpoint(path, *, device="cpu", noise_std: float | None = None, head_
     return model.eval()
 
 
-def check_names_and_record(path: Path, cfg: TarFlowConfig, recorded: TarFlowConfig | None):
+def check_names_and_record(path: Path, cfg: TarFlowConfig, recorded: TarFlowConfig | None, sigma_chosen=False):
     """The name (released pattern) and the metadata record against the configuration of the
-    tensors, and the name's sigma against the record's; a CheckpointError names every conflict."""
+    tensors, and, unless the caller chose sigma, the name's sigma against the record's; a
+    CheckpointError names every conflict."""
     conflicts = name_disagreements(path, cfg)
     if conflicts:
         said = ", ".join(f"{field} {named}" for field, named, _ in conflicts)
@@ -294,7 +296,8 @@ def check_names_and_record(path: Path, cfg: TarFlowConfig, recorded: TarFlowConf
         raise CheckpointError(f"{path}: its metadata record describes another model than its weights ("
                               + ", ".join(f"{f} {getattr(recorded, f)} vs {getattr(cfg, f)}" for f in differ) + ")")
     name = parse_name(path)
-    if name is not None and recorded.noise_std is not None and name.sigma != f"{recorded.noise_std:.2f}":
+    if not sigma_chosen and name is not None and recorded.noise_std is not None and \
+            name.sigma != f"{recorded.noise_std:.2f}":
         raise CheckpointError(f"{path}: the file name says sigma {name.sigma}, but the model was trained with "
                               f"sigma {recorded.noise_std:.2f} (its metadata record); rename the file, "
                               f"or pass noise_std to choose sigma explicitly")

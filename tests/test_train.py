@@ -284,7 +284,7 @@ def test_training_on_a_grey_folder_with_flips(tmp_path):
 # ---- likelihood evaluation and the Bayes classifier ---------------------------------------------------
 
 def reference_bits_per_dim(params, cfg, x, y):
-    """float64 NumPy model; the SPEC's bits/dim written out."""
+    """float64 NumPy model; bits/dim (book/checkpoints.md, "Bits per dimension") written out."""
     z, logdet = np_model.forward(params, cfg, x, y)
     nll = 0.5 * (z ** 2).mean(axis=(1, 2)) + 0.5 * math.log(2 * math.pi) - logdet + math.log(128)
     return nll / math.log(2)
