@@ -154,14 +154,15 @@ def build_parser() -> Parser:
 
 
 def main(argv=None):
-    from .extras import missing_extra_message
+    from .extras import MissingExtra, missing_extra_message
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args.run(args, args.fail)
-    except ModuleNotFoundError as err:
-        message = missing_extra_message(err, f"{parser.prog} {args.command}")
+    except ModuleNotFoundError as err:      # an optional package (extras.py): the extra to install, in one line
+        message = str(err) if isinstance(err, MissingExtra) else \
+            missing_extra_message(err, f"{parser.prog} {args.command}")
         if message is None:
             raise
         args.fail(message)

@@ -28,7 +28,7 @@ EXTRAS = {  # import name: (package to install, extra)
 }
 
 
-class MissingExtra(ImportError):
+class MissingExtra(ModuleNotFoundError):
     """An optional package is not installed; the message names the extra that installs it."""
 
 
@@ -40,7 +40,7 @@ def require(module: str, purpose: str):
         message = missing_extra_message(err, purpose)
         if message is None:
             raise
-        raise MissingExtra(message) from None
+        raise MissingExtra(message, name=err.name) from None
 
 
 def missing_extra_message(err: ModuleNotFoundError, purpose: str = "this") -> str | None:

@@ -226,7 +226,8 @@ NAME = "imagenet_model_4_1024_8_8_0.05.pth"
 
 def test_download_without_huggingface_hub(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)            # makes the import fail
-    with pytest.raises(CheckpointError, match=r"downloading needs the optional package huggingface_hub: pip install .tarflow_ref\[hub\].; or pass a local path"):
+    with pytest.raises(CheckpointError, match=r"downloading needs the optional package huggingface_hub: "
+                                              r"pip install .tarflow_ref\[hub\].; or pass a local path"):
         download_release(NAME)
 
 
@@ -265,7 +266,7 @@ def test_download_of_an_unknown_name(monkeypatch):
 # ---- names and the metadata record against the tensors ---------------------------------------------
 
 def test_a_released_pattern_name_that_contradicts_the_tensors_is_refused(saved, tmp_path):
-    _, cfg, state = saved                                               # P 2, C 32, 2 blocks, 2 layers
+    _, _, state = saved                                                 # P 2, C 32, 2 blocks, 2 layers
     wrong = tmp_path / "toy_model_4_32_3_2_0.07.pth"
     torch.save(state, wrong)
     with pytest.raises(CheckpointError, match=r"toy_model_4_32_3_2_0.07.pth: the file name says patch size 4, "
@@ -335,7 +336,7 @@ def plain_copy(model, tmp_path):
     ("bad-sigma", r"holds sigma -1.0, not a finite number >= 0"),
 ])
 def test_a_metadata_record_that_does_not_fit_is_refused(saved, tmp_path, record, message):
-    path_in, cfg, state = saved
+    _, cfg, state = saved
     if record == "changed-classes":
         record = model_metadata(cfg.replace(num_classes=7))
     elif record == "bad-sigma":

@@ -193,8 +193,9 @@ def test_a_model_with_nan_weights_is_refused_by_every_command(unconditional_ckpt
     torch.save(state, path)
     for argv in (["bpd"], ["sample", "--out", str(tmp_path / "s.png")], ["trace", "--out", str(tmp_path / "t.png")]):
         err = fail_line([*argv, "--ckpt", str(path)], capsys)
-        assert ("diverged.pth: the weights hold NaN or infinite values (in 'blocks.0.attn_blocks.0.mlp.main.0.weight'): "
-                "the model diverged in training; it cannot be evaluated or sampled") in err
+        assert ("diverged.pth: the weights hold NaN or infinite values (in "
+                "'blocks.0.attn_blocks.0.mlp.main.0.weight'): the model diverged in training; "
+                "it cannot be evaluated or sampled") in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["diverged.pth", unconditional_ckpt.name]
 
 
@@ -221,3 +222,12 @@ def test_a_renamed_checkpoint_cannot_change_sigma_or_pass_for_another_model(tmp_
             assert problem in fail_line([command, "--ckpt", str(copy)], capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["digits_model_1_64_4_1_0.90.pth",
                                                                  "imagenet_model_2_768_8_8_0.05.pth"])
+
+
+def test_a_missing_optional_package_names_the_extra_to_install(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)          # as if scikit-learn were not installed
+    for argv in (["bpd"], ["train", "--steps", "2", "--warmup", "1"]):
+        assert fail_line(argv, capsys) == (f"tarflow-ref {argv[0]}: error: the digits data set needs the optional "
+                                           f"package scikit-learn: pip install 'tarflow_ref[digits]' (see --help)\n")
+    assert list(tmp_path.iterdir()) == []

@@ -24,7 +24,7 @@ def inputs(dtype):
 def test_a_blocks_logdet_is_the_float32_mean_of_its_bfloat16_log_scale():
     model, _ = make_model(CFG, seed=3, dtype=torch.float32, out_scale=1.0)
     block = model.blocks[1]
-    x, y = inputs(torch.float32)
+    _, y = inputs(torch.float32)
     u = torch.randn(8, CFG.tokens, CFG.token_dim, generator=torch.Generator().manual_seed(5))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         z, logdet = block(u, y)

@@ -52,7 +52,7 @@ def exact_strategy(cfg):
 
 
 def assert_is_the_scaled_sample(image, scaled, atol):
-    cfg, model, params, noise, y, guidance, reference = scaled
+    cfg, _, params, noise, y, guidance, reference = scaled
     image = np.asarray(image, dtype=np.float64)
     np.testing.assert_allclose(image, reference, rtol=0, atol=atol)
     # independent of every inverse: the forward pass maps the image back to the scaled noise
@@ -75,7 +75,7 @@ def test_numpy_gs_jacobi(scaled):
 
 def test_torch_sequential(scaled):
     """sample() scales for every inverse it runs (the engine, Sampler's engines, textbook.inverse)."""
-    cfg, model, _, noise, y, guidance, _ = scaled
+    _, model, _, noise, y, guidance, _ = scaled
     image = sample(model, torch.from_numpy(noise), None if y is None else torch.from_numpy(y), guidance)
     assert_is_the_scaled_sample(image, scaled, 1e-10)
 

@@ -32,8 +32,9 @@ from tarflow_ref.train import TrainingDiverged, TrainSettings, train
 from tarflow_ref.train_state import LOCK_NAME, OutDirBusy, resume_path
 
 SETTINGS = TrainSettings(patch_size=2, width=64, blocks=2, layers=1, batch_size=8, steps=64, warmup=3, lr=2e-3)
+# where a checkpoint write can be killed; after the resume file's rename the pair on disk differs
 MOMENTS = [("written", ".pth"), ("written", ".resume.pt"), ("before-rename", ".resume.pt"),
-           ("after-rename", ".resume.pt"), ("after-rename", ".pth")]   # after the resume file's rename: the pair differs
+           ("after-rename", ".resume.pt"), ("after-rename", ".pth")]
 PAUSED = 60                                                        # seconds a paused child waits to be killed
 
 
