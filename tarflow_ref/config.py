@@ -8,7 +8,11 @@ and the training noise sigma. Derived sizes (book/checkpoints.md, "Files and nam
 
 A released checkpoint stores no configuration: `io.checkpoint.config_from_state_dict` reads every
 shape from the tensors, and sigma comes from a file name of the released pattern
-`{dataset}_model_{P}_{C}_{blocks}_{layers}_{sigma:.2f}.pth` when there is one.
+`{dataset}_model_{P}_{C}_{blocks}_{layers}_{sigma:.2f}.pth` when there is one (checkpoints this
+project trains also carry it in a metadata record, checkpoint.py). Such a name also states P, C,
+blocks and layers, and for the five released files the image size and classes:
+`name_disagreements` lists where it contradicts the tensors, so that a misnamed file is an error,
+never a silently wrong sigma.
 """
 from __future__ import annotations
 
@@ -94,7 +98,47 @@ class TarFlowConfig:
                    noise_std=float(m["sigma"]))
 
 
+@dataclass(frozen=True)
+class NameFields:
+    """What a file name of the released pattern states."""
+    dataset: str
+    patch_size: int
+    width: int
+    blocks: int
+    layers: int
+    sigma: str                     # as written: two decimals
+
+    @property
+    def noise_std(self) -> float:
+        return float(self.sigma)
+
+
+def parse_name(path) -> NameFields | None:
+    """The fields of a file name of the released pattern, else None."""
+    m = _NAME.match(Path(path).name)
+    if not m:
+        return None
+    return NameFields(m["dataset"], int(m["P"]), int(m["C"]), int(m["N"]), int(m["L"]), m["sigma"])
+
+
 def sigma_from_name(path) -> float | None:
     """sigma from a file name of the released pattern, else None."""
-    m = _NAME.match(Path(path).name)
-    return float(m["sigma"]) if m else None
+    name = parse_name(path)
+    return None if name is None else name.noise_std
+
+
+def name_disagreements(path, cfg: TarFlowConfig) -> list:
+    """(field, what the name says, what cfg has) for every field that a released-pattern name
+    states and cfg contradicts: P, C, blocks, layers; for the five released names also the image
+    size, the classes and RGB. Empty for a name of another pattern. sigma is not compared: the
+    tensors do not hold it."""
+    name = parse_name(path)
+    if name is None:
+        return []
+    said = {"patch size": name.patch_size, "width": name.width, "blocks": name.blocks, "layers": name.layers}
+    has = {"patch size": cfg.patch_size, "width": cfg.width, "blocks": cfg.blocks, "layers": cfg.layers}
+    if Path(path).name in RELEASED_FILES:
+        image_size, classes = RELEASED_FILES[Path(path).name]
+        said.update({"image size": image_size, "classes": classes, "channels": 3})
+        has.update({"image size": cfg.image_size, "classes": cfg.num_classes, "channels": cfg.channels})
+    return [(field, said[field], has[field]) for field in said if said[field] != has[field]]

@@ -1,22 +1,34 @@
-"""Strict, safe checkpoint loading (tarflow_ref/io/checkpoint.py; book/checkpoints.md, "State-dict keys and shapes").
+"""Strict, safe checkpoint loading (tarflow_ref/io/checkpoint.py; book/checkpoints.md, "Files and names",
+"State-dict keys and shapes").
 
 A checkpoint saved with torch.save(state_dict) loads back exactly with its configuration inferred
-from the tensor shapes (and sigma from a released-pattern name). Everything else fails with a
-CheckpointError that names the problem: missing / unexpected / wrongly shaped keys, a mask that is
-not causal, files that are not checkpoints, truncated files, pickles that would run code (and the
-code must not run), missing files, and the hub download without the package or offline.
+from the tensor shapes (and sigma from its metadata record or a released-pattern name). Everything
+else fails with a CheckpointError that names the problem: missing / unexpected / wrongly shaped
+keys, a mask that is not causal, files that are not checkpoints, truncated files, pickles that
+would run code (and the code must not run), missing files, a name or a metadata record that
+contradicts the tensors, a name whose sigma contradicts the record, NaN or infinite weights, and
+the hub download without the package or offline.
 """
 import os
 import pickle
 import sys
 import types
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
 
-from tarflow_ref import CheckpointError, download_release, load_checkpoint
-from tarflow_ref.io.checkpoint import config_from_state_dict
+from tarflow_ref import CheckpointError, TarFlow, download_release, load_checkpoint
+from tarflow_ref.io.checkpoint import (
+    config_from_state_dict,
+    model_metadata,
+    read_metadata,
+    remove_partials,
+    save_model,
+    write_state_dict,
+    written_atomically,
+)
 
 from conftest import SMALL_CONFIGS, make_model
 
@@ -223,8 +235,8 @@ NAME = "imagenet_model_4_1024_8_8_0.05.pth"
 
 def test_download_without_huggingface_hub(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)            # makes the import fail
-    message = r"downloading needs the optional package huggingface_hub .*pass a local path"
-    with pytest.raises(CheckpointError, match=message):
+    with pytest.raises(CheckpointError, match=r"downloading needs the optional package huggingface_hub: "
+                                              r"pip install .tarflow_ref\[hub\].; or pass a local path"):
         download_release(NAME)
 
 
@@ -258,3 +270,115 @@ def test_download_of_an_unknown_name(monkeypatch):
     fake_hub(monkeypatch, lambda **kwargs: pytest.fail("must not download"))
     with pytest.raises(CheckpointError, match="unknown released file 'imagenet_model_9.pth'; known: afhq_model_8_768"):
         download_release("imagenet_model_9.pth")
+
+
+# ---- names and the metadata record against the tensors ---------------------------------------------
+
+def test_a_released_pattern_name_that_contradicts_the_tensors_is_refused(saved, tmp_path):
+    _, _, state = saved                                                 # P 2, C 32, 2 blocks, 2 layers
+    wrong = tmp_path / "toy_model_4_32_3_2_0.07.pth"
+    torch.save(state, wrong)
+    with pytest.raises(CheckpointError, match=r"toy_model_4_32_3_2_0.07.pth: the file name says patch size 4, "
+                                              r"blocks 3, but the weights have patch size 2, blocks 2: the name "
+                                              r"does not describe this checkpoint; rename the file"):
+        load_checkpoint(wrong, head_dim=8)
+
+
+def test_a_released_name_also_fixes_image_size_classes_and_rgb(tmp_path):
+    """The bundled digits weights under the name of a released ImageNet model do not load."""
+    from tarflow_ref.assets import bundled_checkpoint
+    copy = tmp_path / "imagenet_model_2_768_8_8_0.05.pth"
+    copy.write_bytes(bundled_checkpoint().read_bytes())
+    with pytest.raises(CheckpointError, match=r"the file name says patch size 2, width 768, blocks 8, layers 8, "
+                                              r"image size 64, classes 1000, channels 3, but the weights have "
+                                              r"patch size 1, width 64, blocks 4, layers 1, image size 8, "
+                                              r"classes 10, channels 1"):
+        load_checkpoint(copy)
+
+
+def test_a_trained_checkpoint_carries_its_sigma_which_no_name_overrides(tmp_path):
+    """The bundled model renamed to sigma 0.90 is refused; under a plain name it keeps 0.10."""
+    from tarflow_ref.assets import bundled_checkpoint
+    original = load_checkpoint(bundled_checkpoint()).config
+    renamed = tmp_path / "digits_model_1_64_4_1_0.90.pth"
+    renamed.write_bytes(bundled_checkpoint().read_bytes())
+    with pytest.raises(CheckpointError, match=r"digits_model_1_64_4_1_0.90.pth: the file name says sigma 0.90, but "
+                                              r"the model was trained with sigma 0.10 \(its metadata record\)"):
+        load_checkpoint(renamed)
+    assert load_checkpoint(renamed, noise_std=0.9).config.noise_std == 0.9          # an explicit choice
+    plain = tmp_path / "weights.pth"
+    plain.write_bytes(bundled_checkpoint().read_bytes())
+    assert load_checkpoint(plain).config == original and original.noise_std == 0.1
+
+
+def test_the_metadata_record_leaves_a_plain_released_format_state_dict(tmp_path):
+    cfg = CONFIGS["uncond-gray-P2"].replace(noise_std=0.125)
+    model, _ = make_model(cfg, dtype=torch.float32)
+    path = tmp_path / "weights.pth"
+    save_model(model, path, model_metadata(cfg, step=7))
+    state = torch.load(path, weights_only=True, mmap=True)             # what any released-format reader sees
+    assert list(state) == list(model.state_dict())
+    fresh = TarFlow(cfg)
+    fresh.load_state_dict(state, strict=True)
+    assert read_metadata(path) == {"config": asdict(cfg), "step": 7}
+    assert load_checkpoint(path, head_dim=None).config == cfg          # head width 8 from the record
+    (tmp_path / "again").mkdir()
+    save_model(model, tmp_path / "again" / "weights.pth", model_metadata(cfg, step=7))
+    assert (tmp_path / "again" / "weights.pth").read_bytes() == path.read_bytes()     # no time stamps
+    name = tmp_path / cfg.file_name("toy")                              # sigma 0.125 is written '0.12'
+    name.write_bytes(path.read_bytes())
+    assert load_checkpoint(name).config.noise_std == 0.125
+    assert read_metadata(plain_copy(model, tmp_path)) is None
+
+
+def plain_copy(model, tmp_path):
+    path = tmp_path / "plain.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"config": {"image_size": 8}}, "does not hold a configuration"),
+    ({"step": 3}, "has no configuration"),
+    ({"config": "nonsense"}, "has no configuration"),
+    ("changed-classes", r"describes another model than its weights \(num_classes 7 vs 4\)"),
+    ("bad-sigma", r"holds sigma -1.0, not a finite number >= 0"),
+])
+def test_a_metadata_record_that_does_not_fit_is_refused(saved, tmp_path, record, message):
+    _, cfg, state = saved
+    if record == "changed-classes":
+        record = model_metadata(cfg.replace(num_classes=7))
+    elif record == "bad-sigma":
+        record = model_metadata(cfg.replace(noise_std=-1.0))
+    path = tmp_path / "weights.pth"
+    write_state_dict(state, path, record)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path, head_dim=8)
+
+
+def test_weights_that_hold_nan_or_infinity_are_refused(saved, tmp_path):
+    _, _, state = saved
+    for bad in (float("nan"), float("inf")):
+        weight = state["blocks.1.proj_out.weight"].clone()
+        weight[0, 0] = bad
+        with pytest.raises(CheckpointError, match=r"changed.pth: the weights hold NaN or infinite values \(in "
+                                                  r"'blocks.1.proj_out.weight'\): the model diverged in training; "
+                                                  r"it cannot be evaluated or sampled"):
+            load_checkpoint(save_changed(tmp_path, state, **{"blocks.1.proj_out.weight": weight}), head_dim=8)
+
+
+def test_a_killed_write_leaves_temporary_folders_that_remove_partials_clears(tmp_path):
+    target = tmp_path / "out.png"
+    with pytest.raises(KeyboardInterrupt):
+        with written_atomically(target) as partial:
+            partial.write_bytes(b"half")
+            raise KeyboardInterrupt                                    # an interrupted write cleans up itself
+    assert list(tmp_path.iterdir()) == []
+    stale = tmp_path / ".out.png.abc123"                               # what SIGKILL leaves behind
+    stale.mkdir()
+    (stale / "out.png").write_bytes(b"half")
+    other = tmp_path / ".out.png.keep"                                 # not ours: holds something else
+    other.mkdir()
+    (other / "notes.txt").write_text("x")
+    remove_partials(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.png.keep"]

@@ -19,9 +19,10 @@ from tarflow_ref import TarFlow, TarFlowConfig, load_checkpoint, sample
 from tarflow_ref.assets import bundled_checkpoint
 from tarflow_ref.cli import main
 from tarflow_ref.cli.common import save_grid
+from tarflow_ref.io.checkpoint import save_model
 from tarflow_ref.torch_backend.model import randomize_
 from tarflow_ref.training.data import load_digits_split, load_image_folder, to_model_range
-from tarflow_ref.training.train import evaluate_bpd, save_model
+from tarflow_ref.training.train import evaluate_bpd
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -141,7 +142,7 @@ BAD_INPUT = [
     (["train", "--width", "96"], "width must be a multiple of 64"),
     (["train", "--patch", "3"], "image size 8 is not divisible by patch size 3"),
     (["train", "--data", "no_such_folder"], "--data no_such_folder: neither 'digits' nor an existing folder"),
-    (["train", "--resume"], "cannot resume: digits_model_1_64_4_1_0.10.pth does not exist"),
+    (["train", "--resume"], "cannot resume: digits_model_1_64_4_1_0.10.resume.pt does not exist"),
     (["train", "--resume", "--force"], "argument --force: not allowed with argument --resume"),
     (["bpd", "--split", "valid"], "argument --split: invalid choice: 'valid'"),
     (["bpd", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
@@ -175,3 +176,59 @@ def test_cuda_without_a_gpu_is_one_line_in_a_subprocess(tmp_path):
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == ("tarflow-ref sample: error: CUDA was requested but no GPU is available; "
                            "use --device cpu (see --help)\n")
+
+
+def fail_line(argv, capsys) -> str:
+    """The one line on stderr with which `tarflow-ref ARGV` stops with exit code 2."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1, err
+    return err
+
+
+def test_a_model_with_nan_weights_is_refused_by_every_command(unconditional_ckpt, tmp_path, capsys):
+    state = torch.load(unconditional_ckpt, weights_only=True)
+    state["blocks.0.attn_blocks.0.mlp.main.0.weight"][3, 5] = float("nan")
+    path = tmp_path / "diverged.pth"
+    torch.save(state, path)
+    for argv in (["bpd"], ["sample", "--out", str(tmp_path / "s.png")], ["trace", "--out", str(tmp_path / "t.png")]):
+        err = fail_line([*argv, "--ckpt", str(path)], capsys)
+        assert ("diverged.pth: the weights hold NaN or infinite values (in "
+                "'blocks.0.attn_blocks.0.mlp.main.0.weight'): the model diverged in training; "
+                "it cannot be evaluated or sampled") in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diverged.pth", unconditional_ckpt.name]
+
+
+def test_evaluation_never_reports_a_nan_figure(unconditional_ckpt):
+    images = load_digits_split("test")[0][:8]
+    model = load_checkpoint(unconditional_ckpt)
+    with torch.no_grad():
+        model.blocks[0].proj_in.bias[0] = float("inf")
+    with pytest.raises(ValueError, match=r"the weights hold NaN or infinite values \(in 'blocks.0.proj_in.bias'\)"):
+        evaluate_bpd(model, images)
+    overflowing = randomize_(TarFlow(model.config), out_scale=3000.0)   # finite weights, exp(-a) overflows
+    with pytest.raises(ValueError, match="bits/dim came out inf: the model overflows on these images"):
+        evaluate_bpd(overflowing, images)
+
+
+def test_a_renamed_checkpoint_cannot_change_sigma_or_pass_for_another_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for name, problem in (("digits_model_1_64_4_1_0.90.pth", "the file name says sigma 0.90, but the model was "
+                                                             "trained with sigma 0.10"),
+                          ("imagenet_model_2_768_8_8_0.05.pth", "the file name says patch size 2, width 768")):
+        copy = tmp_path / name
+        copy.write_bytes(bundled_checkpoint().read_bytes())
+        for command in ("sample", "bpd"):
+            assert problem in fail_line([command, "--ckpt", str(copy)], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["digits_model_1_64_4_1_0.90.pth",
+                                                                 "imagenet_model_2_768_8_8_0.05.pth"])
+
+
+def test_a_missing_optional_package_names_the_extra_to_install(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)          # as if scikit-learn were not installed
+    for argv in (["bpd"], ["train", "--steps", "2", "--warmup", "1"]):
+        assert fail_line(argv, capsys) == (f"tarflow-ref {argv[0]}: error: the digits data set needs the optional "
+                                           f"package scikit-learn: pip install 'tarflow_ref[digits]' (see --help)\n")
+    assert list(tmp_path.iterdir()) == []

@@ -4,6 +4,8 @@ Independent references: the NumPy float64 model for likelihoods, the closed-form
 an uninterrupted run for resuming, hand-built images for the folder loader.
 """
 import math
+import struct
+import zlib
 from dataclasses import replace
 
 import numpy as np
@@ -81,6 +83,64 @@ def test_center_crop_of_a_tall_image_takes_the_middle():
     tall[3:6] = 255
     out = np.asarray(center_crop(Image.fromarray(tall), 3))
     assert out.shape == (3, 3) and np.all(out == 255)
+
+
+def write_png(path, width, height, bit_depth, color_type, rows):
+    """A PNG written byte by byte (Pillow cannot write 16-bit RGB, nor a header that lies about the size)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    pixels = zlib.compress(b"".join(b"\x00" + row for row in rows))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+
+
+def test_hidden_folders_and_files_are_not_data(tmp_path):
+    for name, value in (("a", 10), ("b", 200)):
+        (tmp_path / name).mkdir()
+        write_image(tmp_path / name / "0.png", np.full((4, 4), value, np.uint8))
+    (tmp_path / ".ipynb_checkpoints").mkdir()                            # sorts first: would take label 0
+    write_image(tmp_path / ".ipynb_checkpoints" / "0-checkpoint.png", np.zeros((4, 4), np.uint8))
+    write_image(tmp_path / "b" / "._0.png", np.zeros((4, 4), np.uint8))  # macOS metadata beside a file
+    images, labels, classes = load_image_folder(tmp_path, image_size=4, channels=1)
+    assert classes == ["a", "b"] and labels.tolist() == [0, 1]
+    assert images[:, 0, 0, 0].tolist() == [10, 200]
+
+
+def test_an_empty_class_folder_is_an_error_not_a_label_shift(tmp_path):
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+    write_image(tmp_path / "a" / "0.png", np.zeros((4, 4), np.uint8))
+    write_image(tmp_path / "c" / "0.png", np.zeros((4, 4), np.uint8))
+    (tmp_path / "b" / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'b'}: a class folder with no images .* the labels follow "
+                                         r"the sorted folder names, so remove it or add images"):
+        load_image_folder(tmp_path, 4, channels=1)
+
+
+def test_16_bit_images_keep_their_grey_levels(tmp_path):
+    (tmp_path / "a").mkdir()
+    ramp = (np.arange(256, dtype=np.uint32) * 257).astype(np.uint16).reshape(16, 16)   # 8-bit level k as 257 k
+    Image.fromarray(ramp).save(tmp_path / "a" / "grey16.png")
+    rgb = (np.arange(16 * 16 * 3, dtype=np.uint32) * 85).astype(">u2").reshape(16, 16, 3)
+    write_png(tmp_path / "a" / "rgb16.png", 16, 16, 16, 2, [row.tobytes() for row in rgb])
+    images, _, _ = load_image_folder(tmp_path, image_size=16, channels=1)
+    assert np.array_equal(images[0, 0], np.arange(256, dtype=np.uint8).reshape(16, 16))  # not 2 levels
+    images, _, _ = load_image_folder(tmp_path, image_size=16, channels=3)
+    assert np.array_equal(images[0], np.repeat(np.arange(256, dtype=np.uint8).reshape(1, 16, 16), 3, 0))
+    assert np.array_equal(images[1], (rgb.astype(np.int64) >> 8).astype(np.uint8).transpose(2, 0, 1))
+
+
+def test_a_decompression_bomb_is_one_clear_error(tmp_path):
+    """A 157-byte PNG whose header claims 40000 x 40000 pixels (1.6 GB once decoded)."""
+    (tmp_path / "a").mkdir()
+    write_png(tmp_path / "a" / "bomb.png", 40000, 40000, 8, 0, [bytes(40000)] * 2)
+    with pytest.raises(ValueError, match=r"bomb.png: refused: Image size \(1600000000 pixels\) exceeds limit"):
+        load_image_folder(tmp_path, 8, channels=1)
+    big = tmp_path / "a" / "bomb.png"                                  # above the warning limit only
+    side = int((Image.MAX_IMAGE_PIXELS * 1.5) ** 0.5)
+    write_png(big, side, side, 8, 0, [bytes(side)] * 2)
+    with pytest.raises(ValueError, match=r"bomb.png: refused: Image size .* exceeds limit"):
+        load_image_folder(tmp_path, 8, channels=1)
 
 
 def test_image_folder_errors_name_the_problem(tmp_path):
@@ -231,7 +291,7 @@ def test_training_on_a_grey_folder_with_flips(tmp_path):
 # ---- likelihood evaluation and the Bayes classifier ---------------------------------------------------
 
 def reference_bits_per_dim(params, cfg, x, y):
-    """float64 NumPy model; the SPEC's bits/dim written out."""
+    """float64 NumPy model; bits/dim (book/checkpoints.md, "Bits per dimension") written out."""
     z, logdet = np_model.forward(params, cfg, x, y)
     nll = 0.5 * (z ** 2).mean(axis=(1, 2)) + 0.5 * math.log(2 * math.pi) - logdet + math.log(128)
     return nll / math.log(2)

@@ -34,8 +34,15 @@ def build_parser() -> Parser:
 
 
 def main(argv=None):
+    from ..extras import MissingExtra, missing_extra_message
+
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
     except CommandError as err:
         args.command_parser.error(str(err))
+    except ModuleNotFoundError as err:      # an optional package (extras.py): the extra to install, in one line
+        message = str(err) if isinstance(err, MissingExtra) else missing_extra_message(err, args.command_parser.prog)
+        if message is None:
+            raise
+        args.command_parser.error(message)

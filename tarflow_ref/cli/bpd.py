@@ -39,6 +39,9 @@ def run(args):
     use_labels = cfg.conditional and not args.unlabelled
     if use_labels and labels.max() >= cfg.num_classes:
         raise CommandError(f"the data have {labels.max() + 1} classes, the model {cfg.num_classes}; use --unlabelled")
-    bpd = evaluate_bpd(model, images, labels if use_labels else None, batch_size=args.batch_size,
-                       seed=args.seed, progress=progress("bpd"))
+    try:
+        bpd = evaluate_bpd(model, images, labels if use_labels else None, batch_size=args.batch_size,
+                           seed=args.seed, progress=progress("bpd"))
+    except ValueError as err:
+        raise CommandError(str(err)) from None
     print(f"bits/dim {bpd:.4f} ({where}, {len(images)} images, {'labelled' if use_labels else 'unlabelled'})")

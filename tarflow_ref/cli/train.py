@@ -1,4 +1,6 @@
 """`train`: the released recipe on the digits or an image folder (training/train.py)."""
+import signal
+import sys
 from pathlib import Path
 
 from .common import CommandError, check_data, finite, progress, set_threads
@@ -33,6 +35,11 @@ def add(commands, parents):
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's default)")
     p.add_argument("--out-dir", type=Path, default=Path("."), help="folder for the checkpoint (default: .)")
+    p.add_argument("--save-every", type=int, metavar="STEPS",
+                   help="also write the checkpoint every STEPS steps (default: by time only)")
+    p.add_argument("--save-minutes", type=finite, metavar="MINUTES",
+                   help="write the checkpoint every MINUTES minutes, 0 for never (default: train.SAVE_MINUTES, "
+                        "5); it is always written at the end and when Ctrl-C or SIGTERM stops the run")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue the checkpoint in --out-dir")
     group.add_argument("--force", action="store_true", help="overwrite an existing checkpoint and start over")
@@ -40,7 +47,7 @@ def add(commands, parents):
 
 
 def run(args):
-    from ..training.train import TrainSettings, train
+    from ..training.train import SAVE_MINUTES, TrainSettings, train
 
     digits = args.data == "digits"
     check_data(args)
@@ -48,6 +55,10 @@ def run(args):
         raise CommandError("training on a folder needs --image-size")
     if args.stop_after is not None and args.stop_after < 1:
         raise CommandError(f"--stop-after must be at least 1, got {args.stop_after}")
+    if args.save_every is not None and args.save_every < 1:
+        raise CommandError(f"--save-every must be at least 1, got {args.save_every}")
+    if args.save_minutes is not None and args.save_minutes < 0:
+        raise CommandError(f"--save-minutes must be >= 0, got {args.save_minutes}")
     set_threads(args)
     try:
         settings = TrainSettings(
@@ -57,10 +68,15 @@ def run(args):
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
             weight_decay=args.weight_decay, drop_label=args.drop_label, flip=args.flip, seed=args.seed,
             device=args.device, bf16=args.bf16)
-        result = train(settings, args.out_dir, resume=args.resume, force=args.force,
-                       stop_after=args.stop_after, progress=progress("train", leave=True))
+        result = train(settings, args.out_dir, resume=args.resume, force=args.force, stop_after=args.stop_after,
+                       progress=progress("train", leave=True), save_every=args.save_every,
+                       save_minutes=SAVE_MINUTES if args.save_minutes is None else args.save_minutes or None)
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         raise CommandError(str(err)) from None
+    if result.interrupted:
+        print(f"stopped by {result.interrupted} after {result.step} of {settings.steps} steps; "
+              + (f"{result.checkpoint} holds them: continue with --resume" if result.step else "nothing written"))
+        sys.exit(128 + signal.Signals[result.interrupted].value)
     tail = result.losses[-100:]
     print(f"wrote {result.checkpoint} after {result.step} of {settings.steps} steps; "
           f"mean loss of the last {len(tail)} steps {sum(tail) / max(1, len(tail)):.4f}")

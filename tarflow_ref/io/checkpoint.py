@@ -2,29 +2,54 @@
 between the torch and NumPy models.
 
 A checkpoint is a plain `torch.save`d state dict of float32 tensors with the released keys
-(SPEC, "The released files"). It is read with `torch.load(weights_only=True)`, so a file can
-never run code; the configuration is inferred from the tensor shapes; every key is then checked
-against the model that configuration builds, and any difference is reported by key name with
-the expected and found shapes before anything is loaded. Files are written through
-`written_atomically`, so an existing file is replaced only once its successor is complete.
+(book/checkpoints.md, "State-dict keys and shapes"). It is read with `torch.load(weights_only=True)`,
+so a file can never run code; the configuration is inferred from the tensor shapes; every key is
+then checked against the model that configuration builds, and any difference is reported by key
+name with the expected and found shapes before anything is loaded. Weights that hold NaN or
+infinity are refused, so no command evaluates or samples a diverged model.
+
+What the tensors cannot say, sigma above all, comes from two places (book/checkpoints.md, "Files
+and names"), and neither may contradict the tensors:
+
+* a file name of the released pattern `{dataset}_model_{P}_{C}_{blocks}_{layers}_{sigma:.2f}.pth`:
+  its P, C, blocks and layers must be those of the tensors (and, for the five released names,
+  the image size and classes too);
+* the metadata record of checkpoints this project trains: a small JSON record (the configuration
+  with sigma, the training settings, the step) stored as one more file inside the zip archive
+  that torch.save writes. torch.load reads only the records it asks for, so the file stays a
+  plain released-format state dict (weights_only=True, and a strict load_state_dict in any
+  code that knows the released keys), and the record travels with the file through every copy
+  and rename. A sidecar file would be lost by a copy of the .pth alone, and an extra tensor entry
+  would break a strict load elsewhere. When both a record and a released-pattern name are there,
+  they must agree on sigma: a renamed file never changes sigma silently.
+
+Files are written through `written_atomically`, so an existing file is replaced only once its
+successor is complete.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import zipfile
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..config import RELEASED_FILES, ConfigError, TarFlowConfig, sigma_from_name
+from ..config import RELEASED_FILES, ConfigError, TarFlowConfig, name_disagreements, parse_name
+from ..extras import require
 
 DEFAULT_HUB_REPO = "apple/TarFlow"
+METADATA_RECORD = "extra/tarflow_ref.json"      # inside the zip archive, beside torch's data.pkl
+SHAPE_FIELDS = ("image_size", "patch_size", "channels", "width", "blocks", "layers", "num_classes")
 
 
 class CheckpointError(ValueError):
@@ -68,14 +93,114 @@ def written_atomically(path):
     torch.save names the records inside its zip after the file, so the bytes match a direct save.
     """
     path = Path(path)
-    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    folder = Path(tempfile.mkdtemp(prefix=_partial_prefix(path), dir=path.parent))
     partial = folder / path.name
     try:
         yield partial
+        with open(partial, "rb") as f:        # on disk before the rename, so a crash cannot leave an empty file
+            os.fsync(f.fileno())
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
         folder.rmdir()
+
+
+def remove_partials(path):
+    """Remove the temporary folders that `written_atomically(path)` leaves when its process is
+    killed (SIGKILL allows no clean-up). Only for a caller that knows no other process is writing
+    `path` (training holds the lock of its folder)."""
+    path = Path(path)
+    for folder in path.parent.glob(_partial_prefix(path) + "*"):
+        if folder.is_dir() and {p.name for p in folder.iterdir()} <= {path.name}:
+            shutil.rmtree(folder)
+
+
+def _partial_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def write_state_dict(state: dict, path, metadata: dict | None = None):
+    """torch.save(state, path) and, if given, `metadata` as the JSON record METADATA_RECORD inside
+    the same zip archive (module docstring). The bytes depend on the contents and the file name
+    only (no time stamps), so a repeated save gives an identical file."""
+    path = Path(path)
+    torch.save(state, path)
+    if metadata is None:
+        return
+    with zipfile.ZipFile(path, "a") as archive:
+        root = archive.namelist()[0].split("/")[0]             # torch names its folder after the file
+        record = zipfile.ZipInfo(f"{root}/{METADATA_RECORD}", date_time=(1980, 1, 1, 0, 0, 0))
+        archive.writestr(record, json.dumps(metadata, indent=1, sort_keys=True))
+
+
+def save_model(model, path, metadata: dict | None = None):
+    """The released format: a plain state dict of float32 CPU tensors, with an optional metadata
+    record (model_metadata); `path` is replaced only when the new file is complete."""
+    with written_atomically(path) as partial:
+        write_state_dict(float32_state(model), partial, metadata)
+
+
+def float32_state(model) -> dict:
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+
+
+def model_metadata(cfg: TarFlowConfig, **extra) -> dict:
+    """The metadata record of a checkpoint: its configuration (with sigma and head width) and
+    anything else worth keeping with the weights (train.py adds the settings and the step)."""
+    return {"config": asdict(cfg), **extra}
+
+
+def read_metadata(path) -> dict | None:
+    """The metadata record of a checkpoint file, or None when it has none (the released files)."""
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.partition("/")[2] == METADATA_RECORD]
+            if not names:
+                return None
+            record = json.loads(archive.read(names[0]))
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: its metadata record is not readable: {_first_line(err)}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise CheckpointError(f"{path}: its metadata record has no configuration")
+    return record
+
+
+def recorded_config(path, metadata: dict) -> TarFlowConfig:
+    """The TarFlowConfig of a metadata record; a clear error for one that describes no TarFlow."""
+    config = metadata["config"]
+    names = {f.name for f in fields(TarFlowConfig)}
+    if set(config) != names:
+        raise CheckpointError(f"{path}: its metadata record does not hold a configuration "
+                              f"(fields {sorted(config)}, expected {sorted(names)})")
+    sigma = config["noise_std"]
+    if sigma is not None and not (isinstance(sigma, (int, float)) and 0 <= sigma < math.inf):
+        raise CheckpointError(f"{path}: its metadata record holds sigma {sigma!r}, not a finite number >= 0")
+    try:
+        return TarFlowConfig(**config)
+    except (ConfigError, TypeError) as err:
+        raise CheckpointError(f"{path}: its metadata record describes no TarFlow: {err}") from None
+
+
+def nonfinite_keys(state: dict) -> list:
+    """The keys of the floating-point tensors that hold NaN or infinity."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def nonfinite_message(keys: list) -> str:
+    more = f" and {len(keys) - 1} more tensors" if len(keys) > 1 else ""
+    return f"the weights hold NaN or infinite values (in '{keys[0]}'{more}): the model diverged in training"
+
+
+def file_digest(path) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def config_from_state_dict(state: dict, *, noise_std: float | None = None, head_dim: int = 64) -> TarFlowConfig:
@@ -120,23 +245,62 @@ def check_state_dict(state: dict, expected: dict):
         raise CheckpointError(f"'{bad_masks[0]}' is not the lower-triangular causal mask of ones")
 
 
-def load_checkpoint(path, *, device="cpu", noise_std: float | None = None, head_dim: int = 64):
+def load_checkpoint(path, *, device="cpu", noise_std: float | None = None, head_dim: int | None = None):
     """Build the TarFlow a checkpoint describes and load it strictly.
 
-    sigma comes from `noise_std`, else from a file name of the released pattern, else None.
+    The shapes come from the tensors; a released-pattern name and the metadata record must agree
+    with them (module docstring). sigma: `noise_std` when given (the caller's explicit choice),
+    else the metadata record's, else the name's, else None. head_dim: the argument, else the
+    record's, else 64 (every released model). Weights with NaN or infinity are refused.
     Returns a torch `TarFlow` in eval mode with `.config`.
     """
     from ..torch_backend.model import TarFlow
 
+    path = Path(path)
     state = read_state_dict(path)
-    sigma = noise_std if noise_std is not None else sigma_from_name(path)
-    cfg = config_from_state_dict(state, noise_std=sigma, head_dim=head_dim)
+    metadata = read_metadata(path)
+    recorded = None if metadata is None else recorded_config(path, metadata)
+    if head_dim is None:
+        head_dim = 64 if recorded is None else recorded.head_dim
+    name = parse_name(path)
+    chosen = noise_std is not None
+    if not chosen:
+        noise_std = recorded.noise_std if recorded is not None else None if name is None else name.noise_std
+    cfg = config_from_state_dict(state, noise_std=noise_std, head_dim=head_dim)
     with torch.device("meta"):  # shapes only: a full-size random init would cost seconds, then be overwritten
         model = TarFlow(cfg)
     check_state_dict(state, model.state_dict())
+    check_names_and_record(path, cfg, recorded, sigma_chosen=chosen)
+    bad = nonfinite_keys(state)     # last: on a full-size file it reads every weight
+    if bad:
+        raise CheckpointError(f"{path}: {nonfinite_message(bad)}; it cannot be evaluated or sampled")
     model = model.to_empty(device=device)
     model.load_state_dict(state, strict=True)  # every parameter and buffer: no uninitialised memory remains
     return model.eval()
+
+
+def check_names_and_record(path: Path, cfg: TarFlowConfig, recorded: TarFlowConfig | None, sigma_chosen=False):
+    """The name (released pattern) and the metadata record against the configuration of the
+    tensors, and, unless the caller chose sigma, the name's sigma against the record's; a
+    CheckpointError names every conflict."""
+    conflicts = name_disagreements(path, cfg)
+    if conflicts:
+        said = ", ".join(f"{field} {named}" for field, named, _ in conflicts)
+        found = ", ".join(f"{field} {actual}" for field, _, actual in conflicts)
+        raise CheckpointError(f"{path}: the file name says {said}, but the weights have {found}: "
+                              f"the name does not describe this checkpoint; rename the file")
+    if recorded is None:
+        return
+    differ = [f for f in SHAPE_FIELDS if getattr(recorded, f) != getattr(cfg, f)]
+    if differ:
+        raise CheckpointError(f"{path}: its metadata record describes another model than its weights ("
+                              + ", ".join(f"{f} {getattr(recorded, f)} vs {getattr(cfg, f)}" for f in differ) + ")")
+    name = parse_name(path)
+    if not sigma_chosen and name is not None and recorded.noise_std is not None and \
+            name.sigma != f"{recorded.noise_std:.2f}":
+        raise CheckpointError(f"{path}: the file name says sigma {name.sigma}, but the model was trained with "
+                              f"sigma {recorded.noise_std:.2f} (its metadata record); rename the file, "
+                              f"or pass noise_std to choose sigma explicitly")
 
 
 def to_numpy(model_or_state, dtype=np.float64) -> dict:
@@ -163,10 +327,9 @@ def download_release(name: str, *, repo_id: str = DEFAULT_HUB_REPO, cache_dir=No
     if name not in RELEASED_FILES:
         raise CheckpointError(f"unknown released file '{name}'; known: {', '.join(RELEASED_FILES)}")
     try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise CheckpointError("downloading needs the optional package huggingface_hub "
-                              "(pip install huggingface_hub); or pass a local path") from None
+        hf_hub_download = require("huggingface_hub", "downloading").hf_hub_download
+    except ImportError as err:
+        raise CheckpointError(f"{err}; or pass a local path") from None
     try:
         return Path(hf_hub_download(repo_id=repo_id, filename=name, cache_dir=cache_dir))
     except Exception as err:  # offline, unknown repo, HTTP errors: all end the same way for the user

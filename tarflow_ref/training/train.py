@@ -1,4 +1,4 @@
-"""Training by the released recipe (SPEC, "Whole model"; Zhai et al. 2024, Sec. 2.4 and 3).
+"""Training by the released recipe (book/checkpoints.md, "Training recipe"; Zhai et al. 2024, Sec. 2.4 and 3).
 
 Each step draws a batch of 8-bit images x_int: [B, c, S, S] and labels y: [B], and minimises the
 per-dimension negative log-likelihood of the noise-augmented images
@@ -19,12 +19,21 @@ run resumed at step s repeats an uninterrupted run exactly.
 
 Outputs (TarFlowConfig.file_name): the model as a plain state dict of float32 tensors under
 `{dataset}_model_{P}_{C}_{blocks}_{layers}_{sigma:.2f}.pth`, which load_checkpoint reads with
-no extra flags, and beside it `{same stem}.resume.pt` with the optimiser, the schedule, the step,
-the losses and the training settings, to resume.
+no extra flags, with a metadata record (the configuration with sigma, these settings, the step);
+beside it `{same stem}.resume.pt`, to resume. Nothing is lost to an interruption: the pair is
+written as one unit (train_state.py) every `save_every` steps or `save_minutes` minutes, at the
+end, and when SIGINT or SIGTERM asks the run to stop (it stops after the current step). A run
+holds the lock of its out-dir. A non-finite loss stops training with an error that names the
+step and the learning rate, before that step changes any weight; weights that hold NaN or
+infinity are never saved.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -32,13 +41,14 @@ import numpy as np
 import torch
 
 from ..config import TarFlowConfig
-from ..io.checkpoint import _unpickler_reason, check_state_dict, read_state_dict, written_atomically
+from ..io.checkpoint import check_state_dict, float32_state, model_metadata, nonfinite_keys, nonfinite_message
 from ..logdet import bits_per_dim, dequantize
 from ..torch_backend.model import TarFlow
 from ..torch_backend.precision import autocast
 from .data import load_dataset, to_model_range
+from .train_state import load_pair, locked_out_dir, remove_stale_partials, resume_path, save_pair
 
-RESUME_SUFFIX = ".resume.pt"
+SAVE_MINUTES = 5.0             # default time between checkpoints
 
 
 @dataclass(frozen=True)
@@ -152,26 +162,24 @@ def training_batch(images, labels, s: TrainSettings, step: int):
     return x, torch.where(drop, -1, y)
 
 
-def train_step(model, opt, sched, x, y, s: TrainSettings) -> float:
-    """One optimiser step on a batch; returns the loss."""
+class TrainingDiverged(ValueError):
+    """The loss or the weights became NaN or infinite."""
+
+
+def train_step(model, opt, sched, x, y, s: TrainSettings, step: int) -> float:
+    """One optimiser step on a batch; returns the loss. A non-finite loss raises TrainingDiverged
+    before the step changes any weight."""
     with autocast(torch.device(s.device), s.bf16):
         loss = model.loss(x.to(s.device), None if y is None else y.to(s.device))
+    value = loss.item()
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"the loss is {value} at step {step} (learning rate "
+                               f"{opt.param_groups[0]['lr']:.3g}): training diverged; lower --lr")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     sched.step()
-    return loss.item()
-
-
-def save_model(model, path):
-    """The released format: a plain state dict of float32 CPU tensors (replacing `path` only when complete)."""
-    with written_atomically(path) as partial:
-        torch.save({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()},
-                   partial)
-
-
-def resume_path(checkpoint) -> Path:
-    return Path(checkpoint).with_suffix(RESUME_SUFFIX)
+    return value
 
 
 @dataclass
@@ -179,82 +187,132 @@ class TrainResult:
     checkpoint: Path
     step: int                      # steps done so far
     losses: list                   # loss of every step from 0 to step - 1
+    interrupted: str | None = None  # the signal that stopped the run early ('SIGINT', 'SIGTERM'), else None
 
 
 def train(s: TrainSettings, out_dir=".", *, resume=False, force=False, stop_after: int | None = None,
-          progress=None) -> TrainResult:
+          progress=None, save_every: int | None = None, save_minutes: float | None = SAVE_MINUTES) -> TrainResult:
     """Train (or resume) and write the checkpoint and its resume file into out_dir.
 
-    Refuses to overwrite an existing checkpoint unless resume (continue it) or force (start over);
-    with force the old files stay until the new pair is complete. out_dir is created before the
-    first step, so a path that cannot be a folder fails before any training.
+    Refuses to overwrite an existing run unless resume (continue it) or force (start over; the
+    old pair stays until the first new one is complete). Before any work: out_dir is created,
+    locked against other runs and so shown writable. Checkpoints are written every `save_every`
+    steps and every `save_minutes` minutes (None: never), when SIGINT or SIGTERM arrives (the run
+    then stops after the current step; `interrupted` names the signal) and at the end.
     stop_after: stop (and save) after this many steps in total, to continue later with resume.
     progress: wraps the step range (e.g. tqdm); if what it returns has `.set_postfix`, the loss
     of each step is shown there.
     """
-    path = Path(out_dir) / s.file_name
-    if path.exists() and not (resume or force):
-        raise FileExistsError(f"{path} exists; resume it (--resume) or start over (--force)")
-    if resume and not (path.exists() and resume_path(path).exists()):
-        raise FileNotFoundError(f"cannot resume: {path if not path.exists() else resume_path(path)} does not exist")
-    images, labels, num_classes = load_dataset(s.data, s.image_size, s.channels)
-    cfg = s.model_config(num_classes)
-    torch.manual_seed(s.seed)
-    model = TarFlow(cfg).to(s.device)
-    opt, sched = make_optimizer(model, s)
-    step, losses = 0, []
-    if resume:
-        step, losses = load_resume(path, s, model, opt, sched)
-    try:                                    # before training, so that a bad folder costs no work
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)
+    path = out_dir / s.file_name
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ValueError(f"cannot use {out_dir} as the folder for the checkpoint: {err.strerror}") from None
-    end = s.steps if stop_after is None else min(s.steps, stop_after)
-    model.train()
-    steps = range(step, end)
-    bar = progress(steps) if progress else steps
-    for step in bar:
-        x, y = training_batch(images, labels, s, step)
-        losses.append(train_step(model, opt, sched, x, y, s))
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-    # both files are complete before either replaces its predecessor: the pair can only disagree
-    # if the process dies between the two renames
-    with written_atomically(resume_path(path)) as partial:
-        torch.save({"settings": asdict(s), "step": len(losses), "losses": losses,
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, partial)
-        save_model(model, path)
-    return TrainResult(path, len(losses), losses)
+    with locked_out_dir(out_dir), stop_requests() as stops:
+        remove_stale_partials(path)
+        found = [p for p in (path, resume_path(path)) if p.exists()]
+        if found and not (resume or force):
+            raise FileExistsError(f"{found[0]} exists; resume it (--resume) or start over (--force)")
+        if resume and not resume_path(path).exists():
+            raise FileNotFoundError(f"cannot resume: {resume_path(path)} does not exist")
+        images, labels, num_classes = load_dataset(s.data, s.image_size, s.channels)
+        cfg = s.model_config(num_classes)
+        torch.manual_seed(s.seed)
+        model = TarFlow(cfg).to(s.device)
+        opt, sched = make_optimizer(model, s)
+        losses = restore(path, s, model, opt, sched) if resume else []
+        saved, saved_time = len(losses), time.monotonic()
+
+        def save():
+            nonlocal saved, saved_time
+            write_checkpoint(path, model, opt, sched, s, losses)
+            saved, saved_time = len(losses), time.monotonic()
+
+        end = s.steps if stop_after is None else min(s.steps, stop_after)
+        if stops:                                        # asked to stop during the set-up: no step
+            end = len(losses)
+        model.train()
+        steps = range(len(losses), end)
+        bar = progress(steps) if progress else steps
+        for step in bar:
+            x, y = training_batch(images, labels, s, step)
+            try:
+                losses.append(train_step(model, opt, sched, x, y, s, step))
+            except TrainingDiverged as err:
+                kept = f"the checkpoint of step {saved} is kept" if saved else "no checkpoint was written"
+                raise TrainingDiverged(f"{err}; {kept}") from None
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+            if stops or (save_every and len(losses) - saved >= save_every) or \
+                    (save_minutes is not None and time.monotonic() - saved_time >= 60 * save_minutes):
+                save()
+            if stops:
+                break
+        if saved != len(losses):
+            save()
+        return TrainResult(path, len(losses), losses, signal.Signals(stops[0]).name if stops else None)
 
 
-def load_resume(path: Path, s: TrainSettings, model, opt, sched):
-    """Restore model, optimiser and schedule; the settings must match the interrupted run's."""
+@contextlib.contextmanager
+def stop_requests():
+    """While the block runs, SIGINT and SIGTERM append to the yielded list instead of ending the
+    process, so that the loop can stop after a step with a checkpoint. Off the main thread
+    (where Python cannot handle signals) the list stays empty."""
+    received = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        state = torch.load(resume_path(path), map_location="cpu", weights_only=True)
-        saved = state["settings"]
-    except Exception as err:  # truncated, not a torch.save file, or not one that train() wrote
-        raise ValueError(f"{resume_path(path)}: not a readable resume file "
-                         f"({type(err).__name__}: {_unpickler_reason(err)}); start over with --force") from None
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def write_checkpoint(path: Path, model, opt, sched, s: TrainSettings, losses: list):
+    """The checkpoint pair of the run after len(losses) steps; weights that hold NaN or infinity
+    raise TrainingDiverged instead."""
+    weights = float32_state(model)
+    bad = nonfinite_keys(weights)
+    if bad:
+        raise TrainingDiverged(f"after step {len(losses) - 1}: {nonfinite_message(bad)}; lower --lr")
+    metadata = model_metadata(model.config, training=asdict(s), step=len(losses))
+    save_pair(path, weights, metadata, {"settings": asdict(s), "step": len(losses), "losses": list(losses),
+                                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+
+
+def restore(path: Path, s: TrainSettings, model, opt, sched) -> list:
+    """Restore model, optimiser and schedule from the resume file (train_state.load_pair); the
+    settings must match the interrupted run's. Returns the losses of the steps done."""
+    state = load_pair(path)
+    saved = state["settings"]
     # device and bf16 may change between sessions; everything else shapes the run
     differ = [f.name for f in fields(s) if f.name not in ("device", "bf16") and saved.get(f.name) != getattr(s, f.name)]
     if differ:
         raise ValueError("cannot resume with different settings: " +
                          ", ".join(f"{k} was {saved.get(k)!r}, now {getattr(s, k)!r}" for k in differ))
-    weights = read_state_dict(path)                 # a CheckpointError names a broken or foreign file
-    check_state_dict(weights, model.state_dict())
-    model.load_state_dict(weights, strict=True)
+    check_state_dict(state["model"], model.state_dict())
+    model.load_state_dict(state["model"], strict=True)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    return state["step"], list(state["losses"])
+    return list(state["losses"])
 
 
 @torch.no_grad()
 def evaluate_bpd(model, images, labels=None, *, batch_size: int = 256, seed: int = 0, progress=None) -> float:
-    """Mean bits per dimension of 8-bit images [N, c, S, S] (SPEC, uniform dequantisation).
+    """Mean bits per dimension of 8-bit images [N, c, S, S] (book/checkpoints.md, "Bits per
+    dimension": uniform dequantisation).
 
     A conditional model is scored as -log p(x | y) with the true labels; labels None uses the
-    model's unlabelled branch (the mean class embedding).
+    model's unlabelled branch (the mean class embedding). A model with NaN or infinite weights,
+    and a result that is not finite, raise a ValueError: never a "nan" figure.
     """
+    bad = nonfinite_keys(model.state_dict())
+    if bad:
+        raise ValueError(f"{nonfinite_message(bad)}; it cannot be evaluated")
     model.eval()
     device = next(model.parameters()).device
     rng = np.random.default_rng(seed)
@@ -265,4 +323,6 @@ def evaluate_bpd(model, images, labels=None, *, batch_size: int = 256, seed: int
         y = None if labels is None else torch.as_tensor(labels[start:start + batch_size], device=device)
         z, logdet = model(x, y)
         total += bits_per_dim(z.double(), logdet.double()).sum().item()
+    if not math.isfinite(total):
+        raise ValueError(f"bits/dim came out {total / len(images)}: the model overflows on these images")
     return total / len(images)
