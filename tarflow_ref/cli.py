@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-MAX_REDRAWS = 10
 SMALL_WIDTH = 128
 
 
@@ -50,7 +49,8 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     model = Parser(add_help=False)
-    model.add_argument("--ckpt", type=Path, help="checkpoint file (released or trained); default: the bundled digits model")
+    model.add_argument("--ckpt", type=Path, help="checkpoint file (released or trained) or a released name "
+                       "(afhq, imagenet128, ...: tarflow_ref/registry.py); default: the bundled digits model")
     model.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (default: cpu)")
     model.add_argument("--seed", type=int, default=0, help="random seed of the noise (default: 0)")
     model.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 for models of width "
@@ -76,14 +76,16 @@ def build_parser() -> Parser:
     draw.add_argument("--scale", type=int, help="enlarge each pixel this many times in the PNG "
                       "(default: to at least 64 pixels per image)")
 
-    s = sub.add_parser("sample", parents=[model, draw], help="draw images from a model",
+    solver = Parser(add_help=False)
+    solver.add_argument("--sampler", choices=["seq", "gsj"], default="seq",
+                        help="sequential KV-cache decoding (seq) or GS-Jacobi (gsj) (default: seq)")
+    solver.add_argument("--strategy", help="GS-Jacobi strategy: a preset name, a list form, the compact "
+                        "[Stack-GS-J-Else] form, or 'auto' (default with --sampler gsj: auto)")
+
+    s = sub.add_parser("sample", parents=[model, draw, solver], help="draw images from a model",
                        description="Draw images from a TarFlow and save them as a PNG grid.")
     s.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG grid to write (default: samples.png)")
     s.add_argument("--npy", type=Path, help="also save the images [n, c, S, S] in [0, 1] as a .npy file")
-    s.add_argument("--sampler", choices=["seq", "gsj"], default="seq",
-                   help="sequential KV-cache decoding (seq) or GS-Jacobi (gsj) (default: seq)")
-    s.add_argument("--strategy", help="GS-Jacobi strategy: a preset name, a list form, the compact "
-                   "[Stack-GS-J-Else] form, or 'auto' (default with --sampler gsj: auto)")
     s.add_argument("--cols", type=int, help="images per row of the grid (default: one column per class)")
 
     t = sub.add_parser("trace", parents=[model, draw], help="show the image after every flow block",
@@ -145,6 +147,9 @@ def build_parser() -> Parser:
     for command, run in ((s, run_sample), (t, run_trace), (tr, run_train), (b, run_bpd), (rel, run_release),
                          (gr, run_grade)):
         command.set_defaults(run=run, fail=command.error)
+    from .cli_fid import add_fid_commands
+
+    add_fid_commands(sub, model, draw, solver)
     return parser
 
 
@@ -168,6 +173,7 @@ def load_model(args, fail):
 
     from .assets import bundled_checkpoint
     from .checkpoint import CheckpointError, load_checkpoint
+    from .registry import ReleaseError, find_release, resolve
     from .train import check_device
 
     try:
@@ -176,6 +182,11 @@ def load_model(args, fail):
         fail(str(err))
     check_threads(args, fail)
     path = args.ckpt if args.ckpt is not None else bundled_checkpoint()
+    if not path.is_file() and find_release(path) is not None:      # a released name: the cache, else the hub
+        try:
+            path = resolve(path, "checkpoint")
+        except ReleaseError as err:
+            fail(str(err))
     if not path.is_file():
         fail(f"checkpoint {path} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
     try:
@@ -246,23 +257,23 @@ def draw_images(model, args, labels, sampler, denoise=None):
     """Images [n, c, S, S] in model range, in batches; a batch holding NaN is drawn again."""
     import torch
 
-    cfg = model.config
-    gen = torch.Generator().manual_seed(args.seed)
-    out = []
-    for start in range(0, args.n, args.batch_size):
-        n = min(args.batch_size, args.n - start)
-        y = None if labels is None else labels[start:start + n].to(args.device)
-        for _ in range(MAX_REDRAWS):
-            noise = torch.randn(n, cfg.tokens, cfg.token_dim, generator=gen).to(args.device)
-            x = sampler(noise, y)
-            if not torch.isnan(x).any():
-                break
-        else:
-            sys.exit(f"tarflow-ref: {MAX_REDRAWS} batches in a row came out NaN; try a lower --cfg")
-        if denoise is not None:
-            x = denoise(model, x, y, factor=args.denoise_factor, bf16=args.bf16, progress=progress("denoise"))
-        out.append(x.detach().float().cpu())
-    return torch.cat(out)
+    from .torch_backend.draw import NanSamples
+
+    stream = sample_stream(model, args, labels, sampler, denoise)
+    try:
+        return torch.cat([stream.batch(start) for start in stream.starts()])
+    except NanSamples as err:
+        sys.exit(f"tarflow-ref: {err}; try a lower --cfg")
+
+
+def sample_stream(model, args, labels, sampler, denoise=None):
+    """The --n images of the drawing flags as a SampleStream (torch_backend/draw.py)."""
+    from .torch_backend.draw import SampleStream
+
+    def denoised(x, y):
+        return denoise(model, x, y, factor=args.denoise_factor, bf16=args.bf16, progress=progress("denoise"))
+    return SampleStream(sampler, model.config, args.n, args.batch_size, labels, args.seed, args.device,
+                        None if denoise is None else denoised)
 
 
 def save_grid(images, path: Path, cols: int, scale: int):

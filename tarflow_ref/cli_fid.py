@@ -1,0 +1,230 @@
+"""The `fid` and `fid-stats` commands: argument checks and printing only; the work is in
+torch_backend/fid.py (statistics, runs), torch_backend/draw.py (batches of samples) and
+registry.py (released names).
+
+    fid        FID of N samples of a checkpoint (any sampler and setting of `sample`), or of a folder /
+               .npy / .npz of images, against a statistics file; resumable with --state
+    fid-stats  a statistics file in the released layout from a folder of real images (or the digits)
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+FID_N = 1000
+
+
+def add_fid_commands(sub, model, draw, solver):
+    """Add `fid` and `fid-stats` to the subcommands; model, draw, solver: the sample command's flags."""
+    from .cli import Parser
+
+    run = Parser(add_help=False)
+    run.add_argument("--state", type=Path, help="save the run here every --save-every batches; a run with the "
+                     "same file continues where it stopped (same settings only)")
+    run.add_argument("--save-every", type=int, default=10, help="batches between saves of --state (default: 10)")
+    run.add_argument("--stop-after", type=int, help="stop after this many batches (state saved); run again to continue")
+    run.add_argument("--force", action="store_true", help="start over: ignore --state's saved run, replace --out")
+    run.add_argument("--image-size", type=int, help="resize (shorter side) and centre-crop image files to this size")
+
+    f = sub.add_parser("fid", parents=[model, draw, solver, run], help="FID of samples or images against a statistics file",
+                       description=f"FID of --n (default {FID_N}) samples of a checkpoint, or of --images, against "
+                                   "a statistics file (released or made by fid-stats); prints FID, images, seconds "
+                                   "spent sampling and images per second.")
+    f.add_argument("--stats", help="statistics file or released name (afhq, imagenet128, ...); default: the "
+                   "released model's own, or the bundled digits' file for the bundled model")
+    f.add_argument("--images", type=Path, help="score these instead of sampling: a folder of image files, "
+                   "a .npy or a .npz (uint8, or floats in [0, 1])")
+    f.add_argument("--published", action="store_true", help="the released model's published setting: "
+                   "guidance weight, tau_u, denoising factor and (with --sampler gsj) strategy")
+
+    st = sub.add_parser("fid-stats", parents=[run], help="a statistics file from real images",
+                        description="FID statistics of real images in the released layout, with the feature "
+                                    "network of --features.")
+    st.add_argument("--data", required=True, help="a folder of image files (sub-folders included), a .npy / .npz, "
+                    "or 'digits'")
+    st.add_argument("--split", choices=["train", "test", "all"], default="test", help="digits split (default: test)")
+    st.add_argument("--features", help="the statistics file (or released name) whose feature network to use; "
+                    "default for the digits: the bundled digits' file")
+    st.add_argument("--out", type=Path, required=True, help="statistics file to write (.pth)")
+    st.add_argument("--batch-size", type=int, default=100, help="images per batch (default: 100)")
+    st.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (default: cpu)")
+    st.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's default)")
+    for command, runner in ((f, run_fid), (st, run_fid_stats)):
+        command.set_defaults(run=runner, fail=command.error)
+
+
+def run_fid(args, fail):
+    from . import cli
+    from .registry import find_release
+
+    check_run_args(args, fail)
+    args.n = FID_N if args.n is None else args.n
+    release = find_release(args.ckpt) if args.ckpt is not None else None
+    if args.published:
+        use_published(args, release, fail)
+    if args.images is not None and args.ckpt is not None:
+        fail("--images and --ckpt exclude each other: score files, or sample a checkpoint")
+    guidance = cli.check_draw_args(args, fail) if args.images is None else None
+    stats_name = args.stats or default_stats(args, release, fail)
+    cli.check_threads(args, fail)
+    reference, network = read_reference(stats_name, args.device, fail)
+    if args.images is not None:
+        source, search = images_source(args, network, fail), 0.0
+        settings = {"images": args.images.resolve(), "image_size": args.image_size, "batch_size": args.batch_size}
+    else:
+        source, settings, search = sampled_source(args, guidance, fail)
+    settings["stats"] = Path(stats_name).name
+    result = run_accumulate(args, source, network, settings, fail, cli.progress("fid", leave=True))
+    if not result.complete:
+        print(f"stopped after {result.stats.n} of {source.n} images; the run is saved in {args.state}: "
+              f"run the same command again to continue")
+        return
+    fid = result.stats.frechet_distance(reference)
+    what = "images read" if args.images is not None else "sampling"
+    print(f"FID {fid:.4f}  ({result.stats.n} images against {Path(stats_name).name}: {reference.n} images; "
+          f"{what} {result.seconds:.1f} s, {result.images_per_second:.1f} images/s"
+          + (f"; strategy search {search:.1f} s" if search else "") + ")")
+
+
+def check_run_args(args, fail):
+    for flag in ("save_every", "stop_after", "image_size", "batch_size"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            fail(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.stop_after is not None and args.state is None:
+        fail("--stop-after needs --state (where the stopped run is saved)")
+    if args.state is not None and not args.state.parent.is_dir():
+        fail(f"--state {args.state}: no such folder")
+
+
+def use_published(args, release, fail):
+    """--published: the preset's guidance, tau_u, denoising factor and strategy, refusing flags it replaces."""
+    from .registry import RELEASES
+
+    if release is None or release.preset is None:
+        names = ", ".join(r.name for r in RELEASES.values() if r.preset is not None)
+        fail(f"--published: no published setting for this checkpoint (published: {names})")
+    if args.cfg is not None or args.strategy is not None or args.attn_temp != 1.0 or args.denoise_factor != 1.0:
+        fail("--published sets --cfg, --attn-temp, --denoise-factor and --strategy; drop them or --published")
+    preset = release.preset
+    args.cfg, args.attn_temp = preset.guidance.weight, preset.guidance.temperature
+    args.guide_what, args.annealed = preset.guidance.what, preset.guidance.annealed
+    args.denoise_factor = preset.denoise_factor
+    if args.sampler == "gsj":
+        args.strategy = preset.name
+
+
+def default_stats(args, release, fail) -> str:
+    if release is not None:
+        return release.stats
+    if args.ckpt is None and args.images is None:
+        return "digits"
+    fail("--stats is needed: the statistics file (a path, a released name, or 'digits') to compare with")
+
+
+def read_reference(stats_name, device, fail):
+    """(FeatureStats, feature network) of a statistics file, a released name or 'digits' (the bundled file)."""
+    from .assets import bundled_fid_stats
+    from .registry import ReleaseError, resolve
+    from .torch_backend.fid import StatsFileError, read_stats_file
+
+    try:
+        path = bundled_fid_stats() if stats_name == "digits" else resolve(stats_name, "stats")
+        return read_stats_file(path, device)
+    except (ReleaseError, StatsFileError) as err:
+        fail(str(err))
+
+
+def images_source(args, network, fail):
+    from .torch_backend.fid import read_images
+
+    try:
+        return read_images(args.images, network.channels, args.image_size, args.batch_size)
+    except ValueError as err:
+        fail(str(err))
+
+
+def sampled_source(args, guidance, fail):
+    """The sample command's machinery: model, labels, denoiser, sampler -> (SampleStream, settings, search s)."""
+    from . import cli
+
+    if args.strategy is not None and args.sampler != "gsj":
+        fail("--strategy needs --sampler gsj")
+    model = cli.load_model(args, fail)
+    labels = cli.labels_for(args, model.config, fail)
+    denoise = cli.denoiser(args, model.config, fail)
+    search = 0.0
+    if args.sampler == "gsj" and (args.strategy or "auto").strip() == "auto":
+        # one search for the whole run (the sample command searches per batch, with that batch's labels)
+        from .torch_backend.jacobi import auto_strategy
+
+        start = time.perf_counter()
+        try:
+            found = auto_strategy(model, None if labels is None else labels[:8].to(args.device), guidance)
+        except ValueError as err:
+            fail(f"--strategy auto: {err}")
+        search = time.perf_counter() - start
+        args.strategy = found.to_text()
+    sampler = cli.make_sampler(args, model, guidance, fail)
+    print(f"sampler: {args.sampler}" + (f" {args.strategy}" if args.sampler == "gsj" else "")
+          + f"; {sampler_steps(args, model)} sequential steps per batch")
+    settings = {k: getattr(args, k) for k in ("n", "batch_size", "seed", "classes", "cfg", "guide_what", "annealed",
+                                              "attn_temp", "denoise", "denoise_factor", "bf16", "sampler",
+                                              "strategy", "device")}
+    settings["ckpt"] = args.ckpt or "bundled"
+    return cli.sample_stream(model, args, labels, sampler, denoise), settings, search
+
+
+def sampler_steps(args, model) -> int:
+    """Sequential transformer calls of one batch: N (T - 1) for seq, the strategy's count for gsj."""
+    from .strategy import Strategy, parse_strategy
+
+    cfg = model.config
+    strategy = parse_strategy(args.strategy, cfg) if args.sampler == "gsj" else Strategy.uniform(cfg.blocks, 0, 1)
+    return strategy.cost(cfg).steps
+
+
+def run_accumulate(args, source, network, settings, fail, progress):
+    from .torch_backend.draw import NanSamples
+    from .torch_backend.fid import StatsFileError, accumulate
+
+    try:
+        return accumulate(source, network, state_path=args.state, settings=settings, save_every=args.save_every,
+                          stop_after=args.stop_after, restart=args.force, progress=progress)
+    except (StatsFileError, ValueError) as err:
+        fail(str(err))
+    except NanSamples as err:
+        fail(f"{err}; try a lower --cfg")
+
+
+def run_fid_stats(args, fail):
+    from .cli import check_out, check_threads, progress
+    from .data import load_digits_split
+    from .torch_backend.fid import ArrayImages, read_images, write_stats_file
+
+    check_run_args(args, fail)
+    check_out(args.out, fail, ".pth")
+    if args.out.exists() and not args.force:
+        fail(f"{args.out} exists; pass --force to replace it")
+    if args.features is None and args.data != "digits":
+        fail("--features is needed: the statistics file (or released name) whose feature network to use")
+    check_threads(args, fail)
+    _, network = read_reference(args.features or "digits", args.device, fail)
+    try:
+        if args.data == "digits":
+            source = ArrayImages(load_digits_split(args.split)[0], args.batch_size)
+        else:
+            source = read_images(args.data, network.channels, args.image_size, args.batch_size)
+    except ValueError as err:
+        fail(str(err))
+    settings = {"data": args.data if args.data == "digits" else Path(args.data).resolve(), "split": args.split,
+                "image_size": args.image_size, "batch_size": args.batch_size, "features": args.features}
+    result = run_accumulate(args, source, network, settings, fail, progress("fid-stats", leave=True))
+    if not result.complete:
+        print(f"stopped after {result.stats.n} of {source.n} images; the run is saved in {args.state}: "
+              f"run the same command again to continue")
+        return
+    if result.stats.n < 2:
+        fail(f"{args.data}: {result.stats.n} image; statistics need at least 2")
+    write_stats_file(args.out, result.stats, network)
+    print(f"wrote {args.out} ({result.stats.n} images, {result.stats.dim} features)")
