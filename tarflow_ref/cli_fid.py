@@ -171,7 +171,7 @@ def sampled_source(args, guidance, fail):
     settings = {k: getattr(args, k) for k in ("n", "batch_size", "seed", "classes", "cfg", "guide_what", "annealed",
                                               "attn_temp", "denoise", "denoise_factor", "bf16", "sampler",
                                               "strategy", "device")}
-    settings["ckpt"] = args.ckpt or "bundled"
+    settings.update(ckpt=args.ckpt or "bundled", cfg=guidance.weight if guidance else 0.0)     # the weight in effect
     return cli.sample_stream(model, args, labels, sampler, denoise), settings, search
 
 

@@ -279,3 +279,26 @@ def test_the_digit_network_training_is_deterministic(digits):
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
     _, bundled = read_stats_file(bundled_fid_stats())
     assert isinstance(bundled, DigitFeatures) and bundled.features == 64
+
+
+def test_a_batch_holding_nan_is_drawn_again_with_the_next_noise():
+    from tarflow_ref import TarFlowConfig
+    from tarflow_ref.torch_backend.draw import MAX_REDRAWS, NanSamples
+
+    cfg = TarFlowConfig(image_size=2, patch_size=1, channels=1, width=64, blocks=1, layers=1)
+    seen = []
+
+    def sampler(noise, y):                                             # noise [3, 4, 1] -> images [3, 1, 2, 2]
+        seen.append(noise.clone())
+        x = noise.reshape(len(noise), 1, 2, 2).clone()
+        if len(seen) == 1:
+            x[1, 0, 0, 0] = float("nan")
+        return x
+    x = SampleStream(sampler, cfg, n=3, batch_size=3, seed=7).batch(0)
+    gen = torch.Generator().manual_seed(7)
+    first, second = torch.randn(3, 4, 1, generator=gen), torch.randn(3, 4, 1, generator=gen)
+    assert len(seen) == 2 and torch.equal(seen[0], first) and torch.equal(seen[1], second)
+    assert torch.equal(x, second.reshape(3, 1, 2, 2))
+    always = SampleStream(lambda noise, y: noise * float("nan"), cfg, n=3, batch_size=3)
+    with pytest.raises(NanSamples, match=f"{MAX_REDRAWS} batches in a row came out NaN"):
+        always.batch(0)
