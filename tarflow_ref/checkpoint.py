@@ -2,10 +2,10 @@
 between the torch and NumPy models.
 
 A checkpoint is a plain `torch.save`d state dict of float32 tensors with the released keys
-(SPEC, "The released files"). It is read with `torch.load(weights_only=True)`, so a file can
-never run code; the configuration is inferred from the tensor shapes; every key is then checked
-against the model that configuration builds, and any difference is reported by key name with
-the expected and found shapes before anything is loaded. Files are written through
+(book/checkpoints.md, "State-dict keys and shapes"). It is read with
+`torch.load(weights_only=True)`, so a file can never run code; the configuration is inferred from
+the tensor shapes; every key is then checked against the model that configuration builds, and any
+difference is reported by key name with the expected and found shapes before anything is loaded. Files are written through
 `written_atomically`, so an existing file is replaced only once its successor is complete.
 """
 from __future__ import annotations

@@ -123,7 +123,8 @@ def build_parser() -> Parser:
     group.add_argument("--force", action="store_true", help="overwrite an existing checkpoint and start over")
 
     b = sub.add_parser("bpd", parents=[model], help="bits per dimension of a checkpoint on a data set",
-                       description="Bits per dimension (SPEC: uniform dequantisation of 8-bit values).")
+                       description="Bits per dimension (uniform dequantisation of 8-bit values; "
+                                   "book/checkpoints.md, \"Bits per dimension\").")
     b.add_argument("--data", default="digits", help="'digits' or a folder with one sub-folder per class (default: digits)")
     b.add_argument("--split", choices=["train", "test", "all"], default="test",
                    help="digits split (default: test, the 360 held-out images)")

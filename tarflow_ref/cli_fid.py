@@ -26,7 +26,8 @@ def add_fid_commands(sub, model, draw, solver):
     run.add_argument("--force", action="store_true", help="start over: ignore --state's saved run, replace --out")
     run.add_argument("--image-size", type=int, help="resize (shorter side) and centre-crop image files to this size")
 
-    f = sub.add_parser("fid", parents=[model, draw, solver, run], help="FID of samples or images against a statistics file",
+    f = sub.add_parser("fid", parents=[model, draw, solver, run],
+                       help="FID of samples or images against a statistics file",
                        description=f"FID of --n (default {FID_N}) samples of a checkpoint, or of --images, against "
                                    "a statistics file (released or made by fid-stats); prints FID, images, seconds "
                                    "spent sampling and images per second.")

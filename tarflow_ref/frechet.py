@@ -82,11 +82,11 @@ class FeatureStats:
         self.n = int(self.n)
 
     @classmethod
-    def empty(cls, dim: int) -> "FeatureStats":
+    def empty(cls, dim: int) -> FeatureStats:
         return cls(np.zeros(dim), np.zeros((dim, dim)), 0)
 
     @classmethod
-    def of(cls, features) -> "FeatureStats":
+    def of(cls, features) -> FeatureStats:
         """The statistics of features [n, F]."""
         features = np.asarray(features)
         if features.ndim != 2:
@@ -97,7 +97,7 @@ class FeatureStats:
     def dim(self) -> int:
         return self.feature_sum.shape[0]
 
-    def add(self, features) -> "FeatureStats":
+    def add(self, features) -> FeatureStats:
         """Add a batch of features [B, F] (converted to float64 first); returns self."""
         f = np.asarray(features, dtype=np.float64)
         if f.ndim != 2 or f.shape[1] != self.dim:
@@ -109,7 +109,7 @@ class FeatureStats:
         self.n += len(f)
         return self
 
-    def merge(self, other: "FeatureStats") -> "FeatureStats":
+    def merge(self, other: FeatureStats) -> FeatureStats:
         """The statistics of both sets together (a new object): the sums add."""
         if other.dim != self.dim:
             raise ValueError(f"cannot merge statistics of {self.dim} and {other.dim} features")
@@ -126,7 +126,7 @@ class FeatureStats:
         mu = self.mean()
         return (self.cov_sum - self.n * np.outer(mu, mu)) / (self.n - 1)
 
-    def frechet_distance(self, other: "FeatureStats") -> float:
+    def frechet_distance(self, other: FeatureStats) -> float:
         """FID between the Gaussians of the two sets."""
         if other.dim != self.dim:
             raise ValueError(f"cannot compare statistics of {self.dim} and {other.dim} features")
@@ -138,7 +138,7 @@ class FeatureStats:
                 "features_num_samples": np.int64(self.n)}
 
     @classmethod
-    def from_arrays(cls, arrays) -> "FeatureStats":
+    def from_arrays(cls, arrays) -> FeatureStats:
         """Inverse of `arrays()` (a dict, or the NpzFile of np.load)."""
         missing = [k for k in ("features_sum", "features_cov_sum", "features_num_samples") if k not in arrays]
         if missing:

@@ -118,7 +118,7 @@ def download(file: str) -> Path:
                            f"put it in {target} (or set {CACHE_ENV}) or pass its path") from None
     try:
         return Path(hf_hub_download(repo_id=HF_REPO, filename=file, local_dir=target))
-    except Exception as err:        # offline, HTTP errors, a full disk: one line for all of them
+    except Exception as err:  # noqa: BLE001 (offline, HTTP errors, a full disk: one line for all of them)
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ReleaseError(f"{where} ({reason}); download it there, put it in {target} (or set {CACHE_ENV}) "
                            f"or pass its path") from None

@@ -1,4 +1,4 @@
-"""Strict, safe checkpoint loading (tarflow_ref/checkpoint.py; SPEC, "The released files").
+"""Strict, safe checkpoint loading (tarflow_ref/checkpoint.py; book/checkpoints.md, "Files and names").
 
 A checkpoint saved with torch.save(state_dict) loads back exactly with its configuration inferred
 from the tensor shapes (and sigma from a released-pattern name). Everything else fails with a

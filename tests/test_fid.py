@@ -14,8 +14,15 @@ from tarflow_ref.frechet import FeatureStats
 from tarflow_ref.torch_backend.denoise import denoise
 from tarflow_ref.torch_backend.digit_features import DigitFeatures
 from tarflow_ref.torch_backend.draw import SampleStream
-from tarflow_ref.torch_backend.fid import (ArrayImages, StatsFileError, accumulate, read_images, read_stats_file,
-                                           to_uint8, write_stats_file)
+from tarflow_ref.torch_backend.fid import (
+    ArrayImages,
+    StatsFileError,
+    accumulate,
+    read_images,
+    read_stats_file,
+    to_uint8,
+    write_stats_file,
+)
 from tarflow_ref.torch_backend.inception import InceptionV3, randomize_
 from tarflow_ref.torch_backend.sampling import Sampler
 
@@ -110,7 +117,8 @@ def bad(state, change):
 
 @pytest.mark.parametrize("change, message", [
     (lambda s: s.pop("digit_features.conv2.bias"),
-     r"not a statistics file in the released layout: missing key 'digit_features.conv2.bias' \(expected shape \[64\]\)$"),
+     (r"not a statistics file in the released layout: "
+      r"missing key 'digit_features.conv2.bias' \(expected shape \[64\]\)$")),
     (lambda s: s.update(extra=torch.zeros(3)), r"released layout: unexpected key 'extra' \(shape \[3\]\)$"),
     (lambda s: s.update(real_features_sum=torch.zeros(63, dtype=torch.float64)),
      r"released layout: key 'real_features_sum' has shape \[63\], expected \[64\]$"),
@@ -262,7 +270,8 @@ def test_a_state_from_other_settings_is_refused(digits, tmp_path):
     model, _, net = digits
     state = tmp_path / "run.pt"
     accumulate(stream(model, n=8), net, state_path=state, settings={"cfg": 1.0}, stop_after=1)
-    with pytest.raises(StatsFileError, match=r"run.pt belongs to a run with other settings \(cfg: 1.0 there, 2.0 now\)"):
+    with pytest.raises(StatsFileError, match=r"run.pt belongs to a run with other settings "
+                                             r"\(cfg: 1.0 there, 2.0 now\)"):
         accumulate(stream(model, n=8), net, state_path=state, settings={"cfg": 2.0})
     assert accumulate(stream(model, n=8), net, state_path=state, settings={"cfg": 2.0}, restart=True).complete
     state.write_bytes(b"not a torch file")

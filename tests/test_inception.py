@@ -69,7 +69,7 @@ def load_torch_fidelity_inception():
     spec = importlib.util.find_spec("torch_fidelity")
     if spec is None or not spec.submodule_search_locations:
         return None
-    root = Path(list(spec.submodule_search_locations)[0])
+    root = Path(next(iter(spec.submodule_search_locations)))
     package = types.ModuleType("torch_fidelity")
     package.__path__ = [str(root)]
     saved = {k: v for k, v in sys.modules.items() if k == "torch_fidelity" or k.startswith("torch_fidelity.")}

@@ -10,8 +10,16 @@ import pytest
 from tarflow_ref.assets import bundled_checkpoint, bundled_fid_stats
 from tarflow_ref.cli import main
 from tarflow_ref.config import RELEASED_FILES
-from tarflow_ref.registry import (CACHE_ENV, HF_REPO, RELEASES, STATS_FILES, ReleaseError, find_release, local_file,
-                                  resolve)
+from tarflow_ref.registry import (
+    CACHE_ENV,
+    HF_REPO,
+    RELEASES,
+    STATS_FILES,
+    ReleaseError,
+    find_release,
+    local_file,
+    resolve,
+)
 from tarflow_ref.strategy import PRESETS
 
 

@@ -96,7 +96,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.out.exists() and not args.force:
         parser.error(f"{args.out} exists; pass --force to replace it")
-    torch.set_num_threads(1)                                          # one thread: the bits do not depend on the machine's cores
+    torch.set_num_threads(1)                      # one thread: the bits do not depend on the machine's cores
     net = train_digit_features(args.seed)
     images, labels = load_digits_split("test")
     accuracy = (net.classify(torch.as_tensor(images)) == torch.as_tensor(labels)).float().mean()

@@ -253,8 +253,7 @@ def accumulate(source, network, *, state_path=None, settings: dict | None = None
     if state_path is not None and Path(state_path).exists() and not restart:
         run = _resume(Path(state_path), source, settings, network.features)
     starts = [s for s in source.starts() if s >= run.stats.n]
-    batches = 0
-    for start in (progress(starts) if progress and starts else starts):
+    for batches, start in enumerate(progress(starts) if progress and starts else starts, start=1):
         t0 = time.perf_counter()
         images = source.batch(start)
         t1 = time.perf_counter()
@@ -264,7 +263,6 @@ def accumulate(source, network, *, state_path=None, settings: dict | None = None
         run.seconds += t1 - t0
         run.feature_seconds += time.perf_counter() - t1
         run.complete = run.stats.n >= source.n
-        batches += 1
         stopping = stop_after is not None and batches >= stop_after
         if state_path is not None and (batches % save_every == 0 or run.complete or stopping):
             _save(Path(state_path), run, source, settings)
@@ -285,7 +283,7 @@ def _save(path: Path, run: Run, source, settings: dict):
 def _resume(path: Path, source, settings: dict, features: int) -> Run:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 (a truncated, foreign or unsafe file: all end the same way)
         raise StatsFileError(f"{path}: not a readable fid run state ({type(err).__name__}); "
                              f"remove it or pass --force to start over") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:

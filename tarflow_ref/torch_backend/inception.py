@@ -122,7 +122,7 @@ class Grid17(nn.Module):
 
     def __init__(self, c_in, c7):
         super().__init__()
-        row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
+        row, col = {"kernel": (1, 7), "padding": (0, 3)}, {"kernel": (7, 1), "padding": (3, 0)}
         self.branch1x1 = ConvBN(c_in, 192, 1)
         self.branch7x7_1 = ConvBN(c_in, c7, 1)
         self.branch7x7_2 = ConvBN(c7, c7, **row)
@@ -167,7 +167,7 @@ class Grid8(nn.Module):
 
     def __init__(self, c_in, max_pool: bool):
         super().__init__()
-        row, col = dict(kernel=(1, 3), padding=(0, 1)), dict(kernel=(3, 1), padding=(1, 0))
+        row, col = {"kernel": (1, 3), "padding": (0, 1)}, {"kernel": (3, 1), "padding": (1, 0)}
         self.max_pool = max_pool
         self.branch1x1 = ConvBN(c_in, 320, 1)
         self.branch3x3_1 = ConvBN(c_in, 384, 1)
