@@ -6,6 +6,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 from tarflow_ref.assets import bundled_checkpoint, bundled_fid_stats
 from tarflow_ref.cli import main
@@ -133,6 +134,14 @@ def test_the_command_line_resolves_released_names_from_the_cache(cache, tmp_path
     main(["fid", "--ckpt", "afhq", "--n", "8", "--batch-size", "8", "--cfg", "0", "--class", "1", "--threads", "1"])
     out = capsys.readouterr().out
     assert "FID " in out and "(8 images against afhq_256_fid_stats.pth: 360 images;" in out
+    # --published: AFHQ's guidance 3.4 and denoising factor 1.4 (its 8-block strategy cannot fit 4 blocks)
+    main(["fid", "--ckpt", "afhq", "--published", "--n", "8", "--class", "1", "--state", str(tmp_path / "p.pt")])
+    assert "FID " in capsys.readouterr().out
+    saved = torch.load(tmp_path / "p.pt", weights_only=True)["settings"]
+    assert (saved["cfg"], saved["attn_temp"], saved["denoise_factor"]) == ("3.4", "1.0", "1.4")
+    with pytest.raises(SystemExit):
+        main(["fid", "--ckpt", "afhq", "--published", "--sampler", "gsj", "--n", "8"])
+    assert "the strategy has 8 entries per list but the model has 4 flow blocks" in capsys.readouterr().err
     (cache / "afhq_256_fid_stats.pth").unlink()
     with pytest.raises(SystemExit) as stop:
         main(["fid", "--ckpt", "afhq", "--n", "8", "--cfg", "0"])
