@@ -76,9 +76,7 @@ def run_fid(args, fail):
         source, settings, search = sampled_source(args, guidance, fail)
     settings["stats"] = Path(stats_name).name
     result = run_accumulate(args, source, network, settings, fail, cli.progress("fid", leave=True))
-    if not result.complete:
-        print(f"stopped after {result.stats.n} of {source.n} images; the run is saved in {args.state}: "
-              f"run the same command again to continue")
+    if stopped(result, source, args):
         return
     fid = result.stats.frechet_distance(reference)
     what = "images read" if args.images is not None else "sampling"
@@ -88,6 +86,12 @@ def run_fid(args, fail):
 
 
 def check_run_args(args, fail):
+    from .train import check_device
+
+    try:
+        check_device(args.device, getattr(args, "bf16", False))
+    except ValueError as err:
+        fail(str(err))
     for flag in ("save_every", "stop_after", "image_size", "batch_size"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
@@ -198,6 +202,14 @@ def run_accumulate(args, source, network, settings, fail, progress):
         fail(f"{err}; try a lower --cfg")
 
 
+def stopped(result, source, args) -> bool:
+    """Say so when --stop-after ended the run early."""
+    if not result.complete:
+        print(f"stopped after {result.stats.n} of {source.n} images; the run is saved in {args.state}: "
+              f"run the same command again to continue")
+    return not result.complete
+
+
 def run_fid_stats(args, fail):
     from .cli import check_out, check_threads, progress
     from .data import load_digits_split
@@ -221,9 +233,7 @@ def run_fid_stats(args, fail):
     settings = {"data": args.data if args.data == "digits" else Path(args.data).resolve(), "split": args.split,
                 "image_size": args.image_size, "batch_size": args.batch_size, "features": args.features}
     result = run_accumulate(args, source, network, settings, fail, progress("fid-stats", leave=True))
-    if not result.complete:
-        print(f"stopped after {result.stats.n} of {source.n} images; the run is saved in {args.state}: "
-              f"run the same command again to continue")
+    if stopped(result, source, args):
         return
     if result.stats.n < 2:
         fail(f"{args.data}: {result.stats.n} image; statistics need at least 2")

@@ -131,3 +131,14 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path, monkeypa
         main(args)
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("command", [["fid", "--images", "x.npy", "--stats", "digits"],
+                                     ["fid-stats", "--data", "digits", "--out", "s.pth"]], ids=["fid", "fid-stats"])
+def test_cuda_without_a_gpu_is_one_line(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main([*command, "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "CUDA was requested but no GPU is available" in err
