@@ -1,4 +1,4 @@
-"""The command line: `python -m tarflow_ref {sample,trace,train,bpd,assignments} ...` (console script `tarflow-ref`).
+"""The command line: `python -m tarflow_ref {sample,trace,train,bpd,assignments,fid,fid-stats} ...` (`tarflow-ref`).
 
     sample   noise -> images with the sequential (or GS-Jacobi) sampler, guidance, denoising,
              saved as a PNG grid (and optionally .npy); defaults to the bundled digits model
@@ -8,6 +8,9 @@
     bpd      bits per dimension of a checkpoint on the digits or an image folder
     assignments release | grade
              student versions of the course assignments; points of a student's notebook
+    fid, fid-stats
+             FID of samples or images against a statistics file; a statistics file of real
+             images (cli_fid.py)
 
 Every bad value stops before any work with one line on stderr and exit code 2.
 Images leave the model in [-1, 1] (plus the training noise); like the released evaluation,
