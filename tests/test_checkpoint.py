@@ -250,8 +250,9 @@ def test_download_offline(monkeypatch):
     def offline(**kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load this file.\nmore detail")
     fake_hub(monkeypatch, offline)
-    with pytest.raises(CheckpointError, match=rf"could not download '{NAME}' from the hub repo 'apple/TarFlow' "
-                                              r"\(offline\?\): We couldn't connect .*pass the local path"):
+    with pytest.raises(CheckpointError, match=rf"could not download '{NAME}' from the hub repo "
+                                              r"'encoreus/Transformer_Autoregressive_Flow' \(offline\?\): "
+                                              r"We couldn't connect .*pass the local path"):
         download_release(NAME)
 
 

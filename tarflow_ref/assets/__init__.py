@@ -1,12 +1,14 @@
 """The bundled tiny model: a conditional TarFlow trained on scikit-learn's digits by training/train.py.
 
 `bundled_checkpoint()` is its path; it loads like any released file (`load_checkpoint`), and is
-the default model of the command line. README.md beside this file records the exact command
-that made it and the numbers measured on it.
+the default model of the command line. `bundled_fid_stats()` is the FID statistics file of the
+held-out digits (evaluation/digit_features.py). README.md beside this file records the exact
+commands that made them and the numbers measured on them.
 """
 from pathlib import Path
 
 BUNDLED_NAME = "digits_model_1_64_4_1_0.10.pth"
+BUNDLED_STATS = "digits_8_fid_stats.pth"        # FID statistics of the 360 held-out digits, with their feature network
 
 # what `python -m tarflow_ref sample` uses with the bundled model unless told otherwise
 BUNDLED_GUIDANCE = 1.0
@@ -21,4 +23,14 @@ def bundled_checkpoint() -> Path:
     path = Path(__file__).with_name(BUNDLED_NAME)
     if not path.is_file():
         raise FileNotFoundError(f"the bundled model {path} is missing; re-create it with: {TRAINING_COMMAND}")
+    return path
+
+
+def bundled_fid_stats() -> Path:
+    """The FID statistics file of the 360 held-out digits, in the released layout, holding the digit
+    feature network (read it with evaluation.fid.read_stats_file)."""
+    path = Path(__file__).with_name(BUNDLED_STATS)
+    if not path.is_file():
+        raise FileNotFoundError(f"the bundled statistics file {path} is missing; re-create it with: "
+                                f"python -m tarflow_ref.evaluation.digit_features --out {path}")
     return path

@@ -1,5 +1,5 @@
-"""The command line: `python -m tarflow_ref {sample,trace,train,bpd,assignments} ...` (console script
-`tarflow-ref`), one module per command:
+"""The command line: `python -m tarflow_ref {sample,trace,train,bpd,fid,fid-stats,assignments} ...`
+(console script `tarflow-ref`), one module per command:
 
     sample   noise -> images with the sequential (or GS-Jacobi) sampler, guidance, denoising,
              saved as a PNG grid (and optionally .npy); defaults to the bundled digits model
@@ -7,6 +7,9 @@
              the denoised image
     train    the released recipe on the digits or an image folder (training/train.py)
     bpd      bits per dimension of a checkpoint on the digits or an image folder
+    fid, fid-stats
+             FID of samples or images against a statistics file; a statistics file of real
+             images
     assignments release | grade
              student versions of the course assignments; points of a student's notebook
 
@@ -15,18 +18,19 @@ stderr and exits with code 2. Images leave the model in [-1, 1] (plus the traini
 the released evaluation, batches holding NaN are redrawn, values are clipped to [-1, 1] and
 mapped to [0, 1].
 """
-from . import assignments, bpd, sample, trace, train
-from .common import CommandError, Parser, drawing_options, model_options
+from . import assignments, bpd, fid, sample, trace, train
+from .common import CommandError, Parser, drawing_options, model_options, solver_options
 
 
 def build_parser() -> Parser:
     parser = Parser(prog="tarflow-ref", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    model, drawing = model_options(), drawing_options()
-    runs = {sample.add(commands, [model, drawing]): sample.run,
+    model, drawing, solver = model_options(), drawing_options(), solver_options()
+    runs = {sample.add(commands, [model, drawing, solver]): sample.run,
             trace.add(commands, [model, drawing]): trace.run,
             train.add(commands, []): train.run,
             bpd.add(commands, [model]): bpd.run,
+            **fid.add(commands, [model, drawing, solver]),
             **assignments.add(commands)}
     for command, run in runs.items():
         command.set_defaults(run=run, command_parser=command)

@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-MAX_REDRAWS = 10
 SMALL_WIDTH = 128
 
 
@@ -44,8 +42,8 @@ def at_least_one(flag: str, value):
 def model_options() -> Parser:
     """--ckpt, --device, --seed, --threads: the flags of every command that loads a checkpoint."""
     model = Parser(add_help=False)
-    model.add_argument("--ckpt", type=Path,
-                       help="checkpoint file (released or trained); default: the bundled digits model")
+    model.add_argument("--ckpt", type=Path, help="checkpoint file (released or trained) or a released name "
+                       "(afhq, imagenet128, ...: tarflow_ref/registry.py); default: the bundled digits model")
     model.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (default: cpu)")
     model.add_argument("--seed", type=int, default=0, help="random seed of the noise (default: 0)")
     model.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 for models of width "
@@ -78,6 +76,16 @@ def drawing_options() -> Parser:
     return draw
 
 
+def solver_options() -> Parser:
+    """--sampler, --strategy: how the commands that sample invert the flow."""
+    solver = Parser(add_help=False)
+    solver.add_argument("--sampler", choices=["seq", "gsj"], default="seq",
+                        help="sequential KV-cache decoding (seq) or GS-Jacobi (gsj) (default: seq)")
+    solver.add_argument("--strategy", help="GS-Jacobi strategy: a preset name, a list form, the compact "
+                        "[Stack-GS-J-Else] form, or 'auto' (default with --sampler gsj: auto)")
+    return solver
+
+
 def progress(desc, leave=False):
     """A wrapper that shows a tqdm bar while iterating; the tqdm object also takes set_postfix."""
     from tqdm.auto import tqdm
@@ -98,6 +106,7 @@ def load_model(args):
 
     from ..assets import bundled_checkpoint
     from ..io.checkpoint import CheckpointError, load_checkpoint
+    from ..registry import ReleaseError, find_release, resolve
     from ..training.train import check_device
 
     try:
@@ -106,6 +115,11 @@ def load_model(args):
         raise CommandError(str(err)) from None
     set_threads(args)
     path = args.ckpt if args.ckpt is not None else bundled_checkpoint()
+    if not path.is_file() and find_release(path) is not None:      # a released name: the cache, else the hub
+        try:
+            path = resolve(path, "checkpoint")
+        except ReleaseError as err:
+            raise CommandError(str(err)) from None
     if not path.is_file():
         raise CommandError(f"checkpoint {path} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
     try:
@@ -165,23 +179,23 @@ def draw_images(model, args, labels, sampler, denoise=None):
     """Images [n, c, S, S] in model range, in batches; a batch holding NaN is drawn again."""
     import torch
 
-    cfg = model.config
-    gen = torch.Generator().manual_seed(args.seed)
-    out = []
-    for start in range(0, args.n, args.batch_size):
-        n = min(args.batch_size, args.n - start)
-        y = None if labels is None else labels[start:start + n].to(args.device)
-        for _ in range(MAX_REDRAWS):
-            noise = torch.randn(n, cfg.tokens, cfg.token_dim, generator=gen).to(args.device)
-            x = sampler(noise, y)
-            if not torch.isnan(x).any():
-                break
-        else:
-            sys.exit(f"tarflow-ref: {MAX_REDRAWS} batches in a row came out NaN; try a lower --cfg")
-        if denoise is not None:
-            x = denoise(model, x, y, factor=args.denoise_factor, bf16=args.bf16, progress=progress("denoise"))
-        out.append(x.detach().float().cpu())
-    return torch.cat(out)
+    from ..torch_backend.draw import NanSamples
+
+    stream = sample_stream(model, args, labels, sampler, denoise)
+    try:
+        return torch.cat([stream.batch(start) for start in stream.starts()])
+    except NanSamples as err:
+        raise CommandError(f"{err}; try a lower --cfg") from None
+
+
+def sample_stream(model, args, labels, sampler, denoise=None):
+    """The --n images of the drawing flags as a SampleStream (torch_backend/draw.py)."""
+    from ..torch_backend.draw import SampleStream
+
+    def denoised(x, y):
+        return denoise(model, x, y, factor=args.denoise_factor, bf16=args.bf16, progress=progress("denoise"))
+    return SampleStream(sampler, model.config, args.n, args.batch_size, labels, args.seed, args.device,
+                        None if denoise is None else denoised)
 
 
 def save_grid(images, path: Path, cols: int, scale: int):

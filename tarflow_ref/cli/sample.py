@@ -24,10 +24,6 @@ def add(commands, parents):
                             description="Draw images from a TarFlow and save them as a PNG grid.")
     p.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG grid to write (default: samples.png)")
     p.add_argument("--npy", type=Path, help="also save the images [n, c, S, S] in [0, 1] as a .npy file")
-    p.add_argument("--sampler", choices=["seq", "gsj"], default="seq",
-                   help="sequential KV-cache decoding (seq) or GS-Jacobi (gsj) (default: seq)")
-    p.add_argument("--strategy", help="GS-Jacobi strategy: a preset name, a list form, the compact "
-                   "[Stack-GS-J-Else] form, or 'auto' (default with --sampler gsj: auto)")
     p.add_argument("--cols", type=int, help="images per row of the grid (default: one column per class)")
     return p
 

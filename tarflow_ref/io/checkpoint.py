@@ -46,8 +46,8 @@ import torch
 
 from ..config import RELEASED_FILES, ConfigError, TarFlowConfig, name_disagreements, parse_name
 from ..extras import require
+from ..registry import HF_REPO as DEFAULT_HUB_REPO
 
-DEFAULT_HUB_REPO = "apple/TarFlow"
 METADATA_RECORD = "extra/tarflow_ref.json"      # inside the zip archive, beside torch's data.pkl
 SHAPE_FIELDS = ("image_size", "patch_size", "channels", "width", "blocks", "layers", "num_classes")
 
@@ -229,15 +229,15 @@ def config_from_state_dict(state: dict, *, noise_std: float | None = None, head_
         raise CheckpointError(str(err)) from None
 
 
-def check_state_dict(state: dict, expected: dict):
-    """Compare key sets and shapes with a model's own state dict; raise naming every difference."""
+def check_state_dict(state: dict, expected: dict, what: str = "checkpoint does not match a TarFlow"):
+    """Compare key sets and shapes with a model's own state dict; raise naming every difference after `what`."""
     problems = [f"missing key '{k}' (expected shape {list(v.shape)})" for k, v in expected.items() if k not in state]
     problems += [f"unexpected key '{k}' (shape {list(v.shape)})" for k, v in state.items() if k not in expected]
     problems += [f"key '{k}' has shape {list(state[k].shape)}, expected {list(v.shape)}"
                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
     if problems:
         shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
-        raise CheckpointError(f"checkpoint does not match a TarFlow: {shown}")
+        raise CheckpointError(f"{what}: {shown}")
     # compared with a fresh tril, not with `expected`: load_checkpoint builds that on the meta device
     bad_masks = [k for k in state if k.endswith("attn_mask")
                  and not torch.equal(state[k], torch.tril(torch.ones_like(state[k])))]
