@@ -40,7 +40,7 @@ import time
 import torch
 
 from tarflow_ref import Guidance, TarFlow, TarFlowConfig, load_checkpoint
-from tarflow_ref.config import RELEASED_FILES
+from tarflow_ref.registry import RELEASED_FILES
 from tarflow_ref.strategy import PRESETS
 from tarflow_ref.torch_backend import textbook
 from tarflow_ref.torch_backend.engine import Engine

@@ -2,8 +2,8 @@
 
 The top-level modules are the NumPy reference, one concept each (they import no torch); the
 layers above it live in sub-packages: torch_backend/ (the same model in torch, fast sampling),
-io/ (checkpoints), training/, cli/ and grading/. The public surface below is imported lazily, so
-`import tarflow_ref.flow` needs no torch:
+io/ (checkpoints), training/, evaluation/ (FID), cli/ and grading/. The public surface below is
+imported lazily, so `import tarflow_ref.flow` needs no torch:
 
     TarFlowConfig                    one configuration object (config.py)
     load_checkpoint(path)            a released or trained checkpoint -> torch TarFlow, strictly
@@ -15,6 +15,7 @@ io/ (checkpoints), training/, cli/ and grading/. The public surface below is imp
     sample_gsj(model, noise, y, strategy, guidance)   GS-Jacobi sampling; gs_jacobi(strategy) its sampler;
     parse_strategy, PRESETS, auto_strategy(model, ...)    strategies (preset, list, compact, automatic)
     to_numpy(model), from_numpy(...) the same weights as the NumPy reference's parameter dict
+    download_release(name)           a released file from the cache folder, else the hub (registry.py)
     tarflow_ref.model                the NumPy reference: forward / inverse / sample
 """
 import importlib
@@ -27,7 +28,7 @@ _PUBLIC = {
     "load_checkpoint": ".io.checkpoint",
     "to_numpy": ".io.checkpoint",
     "from_numpy": ".io.checkpoint",
-    "download_release": ".io.checkpoint",
+    "download_release": ".registry",
     "CheckpointError": ".io.checkpoint",
     "TarFlow": ".torch_backend.model",
     "sample": ".torch_backend.sampling",

@@ -10,7 +10,8 @@ A released checkpoint stores no configuration: `io.checkpoint.config_from_state_
 shape from the tensors, and sigma comes from a file name of the released pattern
 `{dataset}_model_{P}_{C}_{blocks}_{layers}_{sigma:.2f}.pth` when there is one (checkpoints this
 project trains also carry it in a metadata record, checkpoint.py). Such a name also states P, C,
-blocks and layers, and for the five released files the image size and classes:
+blocks and layers, and for the five released files the image size and classes (registry.py holds
+the table of the released files):
 `name_disagreements` lists where it contradicts the tensors, so that a misnamed file is an error,
 never a silently wrong sigma.
 """
@@ -20,14 +21,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-RELEASED_FILES = {
-    # file name: (image size, classes) -- the two facts the file name does not carry
-    "afhq_model_8_768_8_8_0.07.pth": (256, 3),
-    "imagenet_model_4_1024_8_8_0.15.pth": (128, 1000),
-    "imagenet64_model_2_768_8_8_0.05.pth": (64, 0),
-    "imagenet_model_2_768_8_8_0.05.pth": (64, 1000),
-    "imagenet_model_4_1024_8_8_0.05.pth": (64, 1000),
-}
+from .registry import RELEASED_FILES
 
 _NAME = re.compile(r"^(?P<dataset>.+)_model_(?P<P>\d+)_(?P<C>\d+)_(?P<N>\d+)_(?P<L>\d+)_(?P<sigma>\d+\.\d+)\.pth$")
 
@@ -91,10 +85,9 @@ class TarFlowConfig:
         base = Path(name).name
         if base not in RELEASED_FILES:
             raise ConfigError(f"unknown released file '{base}'; known: {', '.join(RELEASED_FILES)}")
-        m = _NAME.match(base)
-        image_size, classes = RELEASED_FILES[base]
-        return cls(image_size=image_size, patch_size=int(m["P"]), channels=3, width=int(m["C"]),
-                   blocks=int(m["N"]), layers=int(m["L"]), num_classes=classes, head_dim=64,
+        m, release = _NAME.match(base), RELEASED_FILES[base]
+        return cls(image_size=release.image_size, patch_size=int(m["P"]), channels=3, width=int(m["C"]),
+                   blocks=int(m["N"]), layers=int(m["L"]), num_classes=release.classes, head_dim=64,
                    noise_std=float(m["sigma"]))
 
 
@@ -138,7 +131,7 @@ def name_disagreements(path, cfg: TarFlowConfig) -> list:
     said = {"patch size": name.patch_size, "width": name.width, "blocks": name.blocks, "layers": name.layers}
     has = {"patch size": cfg.patch_size, "width": cfg.width, "blocks": cfg.blocks, "layers": cfg.layers}
     if Path(path).name in RELEASED_FILES:
-        image_size, classes = RELEASED_FILES[Path(path).name]
-        said.update({"image size": image_size, "classes": classes, "channels": 3})
+        release = RELEASED_FILES[Path(path).name]
+        said.update({"image size": release.image_size, "classes": release.classes, "channels": 3})
         has.update({"image size": cfg.image_size, "classes": cfg.num_classes, "channels": cfg.channels})
     return [(field, said[field], has[field]) for field in said if said[field] != has[field]]

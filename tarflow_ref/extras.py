@@ -7,7 +7,7 @@ need (numpy, torch, einops, scipy, pillow, tqdm). The rest is optional, grouped 
     notebooks   the tutorials: matplotlib, jupyter, scikit-learn
     course      the course assignments: release and grading (nbgrader, nbconvert, nbclient, nbformat)
     book        building the book (jupyter-book)
-    hub         downloading the released checkpoints (huggingface_hub)
+    hub         downloading the released checkpoints and FID statistics files (huggingface_hub)
     test        the test suite (pytest, nbval) with everything above but the book
 
 A missing optional package ends in one line that names the extra to install (`require`, and the

@@ -1,17 +1,23 @@
 """The released files: five TarFlow checkpoints and four FID statistics files in one Hugging Face
-repository, what each model is, which statistics file scores it, its published sampling settings
-(book/checkpoints.md, "Files and names", "GS-Jacobi strategies", "FID statistics files").
+repository, and the one table of what each is (book/checkpoints.md, "Files and names", "GS-Jacobi
+strategies", "FID statistics files").
 
-    RELEASES            short name -> Release(file, stats, title); .config, .preset
-    find_release(text)  a short name, a released file name or a preset name -> Release, else None
-    resolve(text, kind) what `--ckpt afhq` / `--stats afhq` mean: a local path as it is; else a
-                        released name looked up in the cache folder, else downloaded there through
-                        huggingface_hub; else ReleaseError, one line naming the file and the repository
+    RELEASES            name -> Release: checkpoint file, statistics file, image side and classes
+                        (what the file name does not say), the published sampling setting
+    RELEASED_FILES      the same releases by checkpoint file name
+    find_release(text)  a name, a checkpoint or statistics file name (or a path to one) -> Release, else None
+    resolve(text, kind) what `--ckpt afhq256` / `--stats afhq256` mean: a local path as it is, else
+                        the released file from the cache folder (download_release)
+    download_release    a released file from the cache folder, downloaded there through
+                        huggingface_hub when missing; else ReleaseError, one line naming the file
+                        and the repository
 
-The cache folder is $TARFLOW_REF_CACHE, else ~/.cache/tarflow_ref: put files downloaded elsewhere
-there under their released names. The configurations and the published settings come from
-config.RELEASED_FILES and strategy.PRESETS; this module adds the names, the statistics files and
-the places to find them.
+Everything else about the releases is derived from this table: the configuration of a released
+file (config.TarFlowConfig.from_release_name) and the GS-Jacobi presets (strategy.PRESETS). The
+module imports nothing of the package but extras.py, so the whole NumPy reference may build on it.
+
+The cache folder is $TARFLOW_REF_CACHE, else ~/.cache/tarflow_ref: files downloaded elsewhere go
+there under their released names.
 """
 from __future__ import annotations
 
@@ -19,8 +25,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import TarFlowConfig
-from .strategy import PRESETS
+from .extras import require
 
 HF_REPO = "encoreus/Transformer_Autoregressive_Flow"
 HF_URL = f"https://huggingface.co/{HF_REPO}"
@@ -33,45 +38,53 @@ class ReleaseError(ValueError):
 
 
 @dataclass(frozen=True)
+class Published:
+    """The published sampling setting of a model (the GS-Jacobi release): guidance weight on both
+    a and m, not annealed, with tau_u the temperature of the unconditional branch; the denoising
+    factor; the strategy's G, J and guess lists in sampling order."""
+    guidance: float
+    denoise_factor: float
+    tau_u: float
+    modules: tuple
+    iterations: tuple
+    guesses: tuple
+
+
+@dataclass(frozen=True)
 class Release:
-    name: str            # short name: --ckpt afhq
-    file: str            # the checkpoint's released file name
-    stats: str           # the FID statistics file of its data set and resolution
-    title: str
-
-    @property
-    def config(self) -> TarFlowConfig:
-        return TarFlowConfig.from_release_name(self.file)
-
-    @property
-    def preset(self):
-        """The published sampling setting (strategy.Preset: GS-Jacobi strategy, guidance weight and
-        tau_u, denoising factor), or None: the GS-Jacobi study published four of the five."""
-        return PRESETS.get(self.file)
+    name: str                       # --ckpt NAME, --stats NAME, --strategy NAME
+    file: str                       # the checkpoint's released file name
+    stats: str                      # the FID statistics file of its data set and resolution
+    image_size: int                 # the two facts the file name does not carry
+    classes: int                    # 0: unconditional
+    published: Published | None     # the GS-Jacobi study published four of the five
 
 
 RELEASES = {r.name: r for r in (
-    Release("afhq", "afhq_model_8_768_8_8_0.07.pth", "afhq_256_fid_stats.pth", "AFHQ 256x256, 3 classes"),
-    Release("imagenet128", "imagenet_model_4_1024_8_8_0.15.pth", "imagenet_128_fid_stats.pth",
-            "ImageNet 128x128, 1000 classes"),
-    Release("imagenet64-uncond", "imagenet64_model_2_768_8_8_0.05.pth", "imagenet64_64_fid_stats.pth",
-            "ImageNet 64x64, unconditional"),
-    Release("imagenet64-cond-p2", "imagenet_model_2_768_8_8_0.05.pth", "imagenet_64_fid_stats.pth",
-            "ImageNet 64x64, 1000 classes, patch 2"),
-    Release("imagenet64-cond-p4", "imagenet_model_4_1024_8_8_0.05.pth", "imagenet_64_fid_stats.pth",
-            "ImageNet 64x64, 1000 classes, patch 4"),
+    Release("afhq256", "afhq_model_8_768_8_8_0.07.pth", "afhq_256_fid_stats.pth", 256, 3,
+            Published(3.4, 1.4, 1.0, (8, 1, 1, 1, 1, 1, 1, 1), (32, 10, 10, 10, 10, 10, 10, 10),
+                      (0, 0, 0, 0, 0, 1, 1, 0))),
+    Release("imagenet128", "imagenet_model_4_1024_8_8_0.15.pth", "imagenet_128_fid_stats.pth", 128, 1000,
+            Published(1.5, 0.97, 1.0, (1, 8, 1, 1, 1, 1, 1, 1), (10, 32, 10, 10, 10, 10, 10, 10),
+                      (0, 1, 0, 0, 0, 0, 1, 0))),
+    Release("imagenet64-uncond", "imagenet64_model_2_768_8_8_0.05.pth", "imagenet64_64_fid_stats.pth", 64, 0,
+            Published(0.2, 0.9, 0.3, (1, 8, 1, 1, 1, 1, 1, 8), (20, 32, 20, 20, 20, 20, 20, 32),
+                      (0, 1, 0, 0, 1, 0, 1, 1))),
+    Release("imagenet64-cond-p2", "imagenet_model_2_768_8_8_0.05.pth", "imagenet_64_fid_stats.pth", 64, 1000,
+            None),
+    Release("imagenet64-cond-p4", "imagenet_model_4_1024_8_8_0.05.pth", "imagenet_64_fid_stats.pth", 64, 1000,
+            Published(2.0, 1.0, 1.0, (8, 1, 1, 1, 1, 1, 1, 0), (13, 6, 6, 6, 6, 6, 6, 1),
+                      (1, 0, 0, 0, 0, 1, 1, 1))),
 )}
+RELEASED_FILES = {r.file: r for r in RELEASES.values()}
 STATS_FILES = sorted({r.stats for r in RELEASES.values()})
 
 
 def find_release(text) -> Release | None:
-    """The release named by a short name, its checkpoint's file name, its preset's name or its
-    statistics file's name (the first release using it), else None."""
+    """The release named by its name, its checkpoint's file name or its statistics file's name
+    (the first release using it), or a path ending in one of them; else None."""
     text = Path(str(text)).name
-    for r in RELEASES.values():
-        if text in (r.name, r.file, r.stats) or (r.preset is not None and text == r.preset.name):
-            return r
-    return None
+    return next((r for r in RELEASES.values() if text in (r.name, r.file, r.stats)), None)
 
 
 def cache_dir() -> Path:
@@ -91,41 +104,45 @@ def local_file(text, kind: str = "checkpoint") -> Path | None:
 
 
 def resolve(text, kind: str = "checkpoint") -> Path:
-    """A local path as it is; a released name from the cache folder, else downloaded into it."""
+    """A local path as it is; a released name (or file name) from the cache folder, else downloaded into it."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got '{kind}'")
-    found = local_file(text, kind)
-    if found is not None:
-        return found
     path = Path(str(text)).expanduser()
-    release = find_release(text)
-    if release is None or path.parent != Path("."):          # a path that is not there, or no released name
+    if path.is_file():
+        return path
+    if find_release(text) is None or path.parent != Path("."):          # a path that is not there, or no released name
         if path.is_dir():
             raise ReleaseError(f"{path} is a folder; expected a {'statistics' if kind == 'stats' else kind} file")
-        names = ", ".join(RELEASES)
-        raise ReleaseError(f"{text}: no such file, and not a released name ({names}, or a released file name)")
-    return download(_file_of(release, text, kind))
+        raise ReleaseError(f"{text}: no such file, and not a released name ({', '.join(RELEASES)}, "
+                           f"or a released file name)")
+    return download_release(text, kind)
 
 
-def download(file: str) -> Path:
-    """One released file from the Hugging Face repository into the cache folder."""
-    target = cache_dir()
+def download_release(name, kind: str = "checkpoint") -> Path:
+    """The released file that `name` (a release's name or a released file name) means, from the
+    cache folder; downloaded there from the Hugging Face repository when missing."""
+    release = find_release(name)
+    if release is None or Path(str(name)).parent != Path("."):
+        raise ReleaseError(f"unknown released file '{name}'; known: {', '.join(RELEASES)} "
+                           f"or their files ({', '.join(RELEASED_FILES)}, {', '.join(STATS_FILES)})")
+    file, target = _file_of(release, name, kind), cache_dir()
+    if (target / file).is_file():
+        return target / file
     where = f"'{file}' is not in {target} and could not be downloaded from {HF_URL}"
+    advice = f"download it there, put it in {target} (or set {CACHE_ENV}) or pass its path"
     try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise ReleaseError(f"{where} (downloading needs the package huggingface_hub); download it there, "
-                           f"put it in {target} (or set {CACHE_ENV}) or pass its path") from None
+        hf_hub_download = require("huggingface_hub", "downloading").hf_hub_download
+    except ImportError as err:
+        raise ReleaseError(f"{where} ({err}); {advice}") from None
     try:
         return Path(hf_hub_download(repo_id=HF_REPO, filename=file, local_dir=target))
     except Exception as err:  # noqa: BLE001 (offline, HTTP errors, a full disk: one line for all of them)
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ReleaseError(f"{where} ({reason}); download it there, put it in {target} (or set {CACHE_ENV}) "
-                           f"or pass its path") from None
+        raise ReleaseError(f"{where} ({reason}); {advice}") from None
 
 
 def _file_of(release: Release, text, kind: str) -> str:
-    """The file a name means: a file name stands for itself, a short name for the kind asked for."""
+    """The file a name means: a file name stands for itself, a release's name for the kind asked for."""
     name = Path(str(text)).name
     if name in (release.file, release.stats):
         return name

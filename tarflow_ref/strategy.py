@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from .config import TarFlowConfig
 from .guidance import Guidance, branches
+from .registry import RELEASES, Release
 
 GUESSES = {0: "x0 = z", 1: "x0 = [z_0, 0, ..., 0]"}
 
@@ -159,29 +160,23 @@ def block_cost(tokens: int, modules: int, iterations) -> tuple[int, int]:
 @dataclass(frozen=True)
 class Preset:
     """A published setting (the GS-Jacobi release; book/checkpoints.md, "GS-Jacobi strategies"): strategy,
-    guidance and denoise factor."""
+    guidance and denoise factor, under the release's name and file (registry.py)."""
     name: str
     file: str
     strategy: Strategy
     guidance: Guidance       # cfg weight, and tau_u as the unconditional branch's temperature
     denoise_factor: float
 
+    @classmethod
+    def of(cls, release: Release) -> Preset | None:
+        """The published setting of a release (None for one without): guidance on both a and m,
+        not annealed, as the released sampler's defaults."""
+        p = release.published
+        if p is None:
+            return None
+        return cls(release.name, release.file, Strategy(p.modules, p.iterations, p.guesses),
+                   Guidance(p.guidance, "ab", False, p.tau_u), p.denoise_factor)
 
-def _preset(name, file, cfg_weight, denoise, tau_u, G, J, guess):
-    # guide what and annealing: the released sampler's defaults ('ab', not annealed)
-    return Preset(name, file, Strategy(G, J, guess), Guidance(cfg_weight, "ab", False, tau_u), denoise)
 
-
-_PUBLISHED = [
-    _preset("afhq256", "afhq_model_8_768_8_8_0.07.pth", 3.4, 1.4, 1.0,
-            [8, 1, 1, 1, 1, 1, 1, 1], [32, 10, 10, 10, 10, 10, 10, 10], [0, 0, 0, 0, 0, 1, 1, 0]),
-    _preset("imagenet128", "imagenet_model_4_1024_8_8_0.15.pth", 1.5, 0.97, 1.0,
-            [1, 8, 1, 1, 1, 1, 1, 1], [10, 32, 10, 10, 10, 10, 10, 10], [0, 1, 0, 0, 0, 0, 1, 0]),
-    _preset("imagenet64-uncond", "imagenet64_model_2_768_8_8_0.05.pth", 0.2, 0.9, 0.3,
-            [1, 8, 1, 1, 1, 1, 1, 8], [20, 32, 20, 20, 20, 20, 20, 32], [0, 1, 0, 0, 1, 0, 1, 1]),
-    _preset("imagenet64-cond-p4", "imagenet_model_4_1024_8_8_0.05.pth", 2.0, 1.0, 1.0,
-            [8, 1, 1, 1, 1, 1, 1, 0], [13, 6, 6, 6, 6, 6, 6, 1], [1, 0, 0, 0, 0, 1, 1, 1]),
-]
-
-# keyed by short name and by released file name
-PRESETS = {key: p for p in _PUBLISHED for key in (p.name, p.file)}
+# keyed by the release's name and by its released file name
+PRESETS = {key: p for p in map(Preset.of, RELEASES.values()) if p is not None for key in (p.name, p.file)}

@@ -3,7 +3,7 @@
     list form        G=[8,1,1,1,1,1,1,1] J=[32,10,10,10,10,10,10,10] guess=[0,0,0,0,0,1,1,0]
     compact          [7-8-32-10]   = [Stack-GS-J-Else]: forward block Stack gets GS modules with
                      J iterations, every other block plain Jacobi with Else iterations
-    preset           a released file name or a short name from PRESETS (the published settings)
+    preset           a release's name or its file name (registry.py), from PRESETS (the published settings)
 
 Both written forms may end with `guess=[...]` (compact), `tol=<eps>` and `clamp`. Lists are in
 sampling order (entry 0 = forward block N-1). Every problem raises ValueError naming it, before

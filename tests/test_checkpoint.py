@@ -6,20 +6,18 @@ from the tensor shapes (and sigma from its metadata record or a released-pattern
 else fails with a CheckpointError that names the problem: missing / unexpected / wrongly shaped
 keys, a mask that is not causal, files that are not checkpoints, truncated files, pickles that
 would run code (and the code must not run), missing files, a name or a metadata record that
-contradicts the tensors, a name whose sigma contradicts the record, NaN or infinite weights, and
-the hub download without the package or offline.
+contradicts the tensors, a name whose sigma contradicts the record, and NaN or infinite weights.
+(Downloading a released file: tests/test_registry.py.)
 """
 import os
 import pickle
-import sys
-import types
 from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
 
-from tarflow_ref import CheckpointError, TarFlow, download_release, load_checkpoint
+from tarflow_ref import CheckpointError, TarFlow, load_checkpoint
 from tarflow_ref.io.checkpoint import (
     config_from_state_dict,
     model_metadata,
@@ -226,51 +224,6 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch, writer):
     with pytest.raises(CheckpointError, match=message):
         load_checkpoint(path)
     assert not ran(marker), "loading the checkpoint ran code from the file"
-
-
-# ---- hub download (never touches the network) -------------------------------------------------------
-
-NAME = "imagenet_model_4_1024_8_8_0.05.pth"
-
-
-def test_download_without_huggingface_hub(monkeypatch):
-    monkeypatch.setitem(sys.modules, "huggingface_hub", None)            # makes the import fail
-    with pytest.raises(CheckpointError, match=r"downloading needs the optional package huggingface_hub: "
-                                              r"pip install .tarflow_ref\[hub\].; or pass a local path"):
-        download_release(NAME)
-
-
-def fake_hub(monkeypatch, download):
-    module = types.ModuleType("huggingface_hub")
-    module.hf_hub_download = download
-    monkeypatch.setitem(sys.modules, "huggingface_hub", module)
-
-
-def test_download_offline(monkeypatch):
-    def offline(**kwargs):
-        raise OSError("We couldn't connect to 'https://huggingface.co' to load this file.\nmore detail")
-    fake_hub(monkeypatch, offline)
-    with pytest.raises(CheckpointError, match=rf"could not download '{NAME}' from the hub repo "
-                                              r"'encoreus/Transformer_Autoregressive_Flow' \(offline\?\): "
-                                              r"We couldn't connect .*pass the local path"):
-        download_release(NAME)
-
-
-def test_download_asks_for_the_right_file(monkeypatch, tmp_path):
-    calls = []
-
-    def download(**kwargs):
-        calls.append(kwargs)
-        return str(tmp_path / kwargs["filename"])
-    fake_hub(monkeypatch, download)
-    assert download_release(NAME, repo_id="me/mirror", cache_dir=tmp_path) == tmp_path / NAME
-    assert calls == [{"repo_id": "me/mirror", "filename": NAME, "cache_dir": tmp_path}]
-
-
-def test_download_of_an_unknown_name(monkeypatch):
-    fake_hub(monkeypatch, lambda **kwargs: pytest.fail("must not download"))
-    with pytest.raises(CheckpointError, match="unknown released file 'imagenet_model_9.pth'; known: afhq_model_8_768"):
-        download_release("imagenet_model_9.pth")
 
 
 # ---- names and the metadata record against the tensors ---------------------------------------------

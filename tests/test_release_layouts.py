@@ -1,7 +1,8 @@
-"""The five released checkpoints (SPEC, "The released files"): their layout, configuration and size.
+"""The five released checkpoints (book/checkpoints.md, "Files and names", "State-dict keys and shapes"):
+their layout, configuration and size.
 
 For each released file name, a state dict in the released layout (keys and shapes written out
-below from the SPEC table, independently of the model code) is saved with torch.save under that
+below from the book's tables, independently of the model code) is saved with torch.save under that
 name and loaded through load_checkpoint, which must infer the configuration from the tensors and
 sigma from the name, and build exactly
 
@@ -21,10 +22,11 @@ import pytest
 import torch
 
 from tarflow_ref import TarFlow, TarFlowConfig, load_checkpoint, model as np_model, to_numpy
-from tarflow_ref.config import RELEASED_FILES, ConfigError, sigma_from_name
+from tarflow_ref.config import ConfigError, sigma_from_name
 from tarflow_ref.patchify import patchify
+from tarflow_ref.registry import RELEASED_FILES
 
-SPEC_TABLE = {  # file: (image size, patch P, width C, classes, sigma); all: 8 blocks of 8 layers, RGB, d = 64
+PUBLISHED_TABLE = {  # file: (image size, patch P, width C, classes, sigma); all: 8 blocks of 8 layers, RGB, d = 64
     "afhq_model_8_768_8_8_0.07.pth": (256, 8, 768, 3, 0.07),
     "imagenet_model_4_1024_8_8_0.15.pth": (128, 4, 1024, 1000, 0.15),
     "imagenet64_model_2_768_8_8_0.05.pth": (64, 2, 768, 0, 0.05),
@@ -34,14 +36,14 @@ SPEC_TABLE = {  # file: (image size, patch P, width C, classes, sigma); all: 8 b
 FORWARD_FILE = "imagenet_model_4_1024_8_8_0.05.pth"     # T = 256: the cheapest full-size forward
 
 
-def spec_config(name):
-    S, P, C, K, sigma = SPEC_TABLE[name]
+def published_config(name):
+    S, P, C, K, sigma = PUBLISHED_TABLE[name]
     return TarFlowConfig(image_size=S, patch_size=P, channels=3, width=C, blocks=8, layers=8,
                          num_classes=K, head_dim=64, noise_std=sigma)
 
 
 def released_layout(cfg) -> dict:
-    """Every key of a released state dict and its shape, as the SPEC table lists them."""
+    """Every key of a released state dict and its shape, as the book's table lists them."""
     T, C, D, K = cfg.tokens, cfg.width, cfg.token_dim, cfg.num_classes
     layout = {"var": (T, D)}
     for b in range(cfg.blocks):
@@ -76,12 +78,12 @@ def meta_model(cfg):
 
 # ---- cheap: configurations and shapes only -----------------------------------------------------------
 
-def test_released_names_give_the_spec_configurations():
-    assert set(RELEASED_FILES) == set(SPEC_TABLE)
-    for name in SPEC_TABLE:
+def test_released_names_give_the_published_configurations():
+    assert set(RELEASED_FILES) == set(PUBLISHED_TABLE)
+    for name in PUBLISHED_TABLE:
         cfg = TarFlowConfig.from_release_name(name)
-        assert cfg == spec_config(name)
-        assert sigma_from_name(f"/some/dir/{name}") == SPEC_TABLE[name][4]
+        assert cfg == published_config(name)
+        assert sigma_from_name(f"/some/dir/{name}") == PUBLISHED_TABLE[name][4]
         assert cfg.file_name(name.split("_model_")[0]) == name
     a, b = (TarFlowConfig.from_release_name(f"imagenet_model_4_1024_8_8_{s}.pth") for s in ("0.15", "0.05"))
     assert (a.image_size, b.image_size) == (128, 64)
@@ -102,9 +104,9 @@ def test_unknown_names_and_impossible_configurations():
         TarFlowConfig(image_size=8, patch_size=2, num_classes=-1)
 
 
-@pytest.mark.parametrize("name", list(SPEC_TABLE))
+@pytest.mark.parametrize("name", list(PUBLISHED_TABLE))
 def test_model_has_the_released_layout_and_parameter_count(name):
-    cfg = spec_config(name)
+    cfg = published_config(name)
     model = meta_model(cfg)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == released_layout(cfg)
     count = sum(p.numel() for p in model.parameters())
@@ -116,7 +118,7 @@ def test_model_has_the_released_layout_and_parameter_count(name):
 
 def shared_zero_state(cfg) -> dict:
     """The released keys, shapes and dtype, filled with zeros (and the causal masks and prior
-    variance of the SPEC). Every tensor is a view of ONE zero buffer (every mask of one mask), so
+    variance of the released files). Every tensor is a view of ONE zero buffer (every mask of one mask), so
     torch.save writes ~20 MB instead of 1.8-3.3 GB; the loader reads such a file the same way."""
     layout = released_layout(cfg)
     zeros = torch.zeros(max(math.prod(shape) for shape in layout.values()))
@@ -166,9 +168,9 @@ def save_and_load(state, path):
 
 
 @pytest.mark.fullsize
-@pytest.mark.parametrize("name", list(SPEC_TABLE))
+@pytest.mark.parametrize("name", list(PUBLISHED_TABLE))
 def test_released_checkpoint_loads_with_the_inferred_configuration(name, tmp_path):
-    cfg = spec_config(name)
+    cfg = published_config(name)
     model = save_and_load(shared_zero_state(cfg), tmp_path / name)
     assert model.config == cfg                            # image size from the tensors, sigma from the name
     assert sum(p.numel() for p in model.parameters()) == parameter_count(cfg)
@@ -181,7 +183,7 @@ def test_released_checkpoint_loads_with_the_inferred_configuration(name, tmp_pat
 
 @pytest.mark.fullsize
 def test_fullsize_forward_numpy_float32_equals_torch_float32(tmp_path):
-    cfg = spec_config(FORWARD_FILE)
+    cfg = published_config(FORWARD_FILE)
     model = save_and_load(random_state(cfg), tmp_path / FORWARD_FILE)
     gen = torch.Generator().manual_seed(1)
     x = torch.rand(1, 3, cfg.image_size, cfg.image_size, generator=gen) * 2 - 1

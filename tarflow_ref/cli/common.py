@@ -43,7 +43,7 @@ def model_options() -> Parser:
     """--ckpt, --device, --seed, --threads: the flags of every command that loads a checkpoint."""
     model = Parser(add_help=False)
     model.add_argument("--ckpt", type=Path, help="checkpoint file (released or trained) or a released name "
-                       "(afhq, imagenet128, ...: tarflow_ref/registry.py); default: the bundled digits model")
+                       "(afhq256, imagenet128, ...: tarflow_ref/registry.py); default: the bundled digits model")
     model.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (default: cpu)")
     model.add_argument("--seed", type=int, default=0, help="random seed of the noise (default: 0)")
     model.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 for models of width "

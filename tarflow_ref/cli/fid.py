@@ -42,7 +42,7 @@ def add(commands, parents):
                             description=f"FID of --n (default {FID_N}) samples of a checkpoint, or of --images, "
                                         "against a statistics file (released or made by fid-stats); prints FID, "
                                         "images, seconds spent sampling and images per second.")
-    f.add_argument("--stats", help="statistics file or released name (afhq, imagenet128, ...); default: the "
+    f.add_argument("--stats", help="statistics file or released name (afhq256, imagenet128, ...); default: the "
                    "released model's own, or the bundled digits' file for the bundled model")
     f.add_argument("--images", type=Path, help="score these instead of sampling: a folder of image files, "
                    "a .npy or a .npz (uint8, or floats in [0, 1])")
@@ -111,15 +111,15 @@ def check_run_args(args):
 
 def use_published(args, release):
     """--published: the preset's guidance, tau_u, denoising factor and strategy, refusing flags it replaces."""
-    from ..registry import RELEASES
+    from ..strategy import PRESETS
 
-    if release is None or release.preset is None:
-        names = ", ".join(r.name for r in RELEASES.values() if r.preset is not None)
+    preset = None if release is None else PRESETS.get(release.name)
+    if preset is None:
+        names = ", ".join(dict.fromkeys(p.name for p in PRESETS.values()))
         raise CommandError(f"--published: no published setting for this checkpoint (published: {names})")
     if args.cfg is not None or args.strategy is not None or args.attn_temp != 1.0 or args.denoise_factor != 1.0:
         raise CommandError("--published sets --cfg, --attn-temp, --denoise-factor and --strategy; "
                            "drop them or --published")
-    preset = release.preset
     args.cfg, args.attn_temp = preset.guidance.weight, preset.guidance.temperature
     args.guide_what, args.annealed = preset.guidance.what, preset.guidance.annealed
     args.denoise_factor = preset.denoise_factor

@@ -44,9 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import RELEASED_FILES, ConfigError, TarFlowConfig, name_disagreements, parse_name
-from ..extras import require
-from ..registry import HF_REPO as DEFAULT_HUB_REPO
+from ..config import ConfigError, TarFlowConfig, name_disagreements, parse_name
 
 METADATA_RECORD = "extra/tarflow_ref.json"      # inside the zip archive, beside torch's data.pkl
 SHAPE_FIELDS = ("image_size", "patch_size", "channels", "width", "blocks", "layers", "num_classes")
@@ -320,22 +318,6 @@ def from_numpy(params: dict, cfg: TarFlowConfig, dtype=torch.float64):
     check_state_dict(state, model.state_dict())
     model.load_state_dict(state, strict=True)
     return model.eval()
-
-
-def download_release(name: str, *, repo_id: str = DEFAULT_HUB_REPO, cache_dir=None) -> Path:
-    """Fetch one released file from the Hugging Face hub (optional dependency `huggingface_hub`)."""
-    if name not in RELEASED_FILES:
-        raise CheckpointError(f"unknown released file '{name}'; known: {', '.join(RELEASED_FILES)}")
-    try:
-        hf_hub_download = require("huggingface_hub", "downloading").hf_hub_download
-    except ImportError as err:
-        raise CheckpointError(f"{err}; or pass a local path") from None
-    try:
-        return Path(hf_hub_download(repo_id=repo_id, filename=name, cache_dir=cache_dir))
-    except Exception as err:  # offline, unknown repo, HTTP errors: all end the same way for the user
-        raise CheckpointError(f"could not download '{name}' from the hub repo '{repo_id}' "
-                              f"(offline?): {_first_line(err)}. Download it elsewhere and pass the local path."
-                              ) from None
 
 
 def _unpickler_reason(err) -> str:
