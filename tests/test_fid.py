@@ -158,7 +158,7 @@ def test_fid_of_images_against_their_own_statistics_is_zero(inception_file, tmp_
     """Through the whole pipeline with the Inception layout: images -> file -> read back -> FID, with
     other batch boundaries. Bound: |FID| < 1e-5 tr(Sigma) for the same 16 images (a rank-15
     covariance in 2048 dimensions: the zero eigenvalues of the product come out as rounding noise).
-    (One 2048-dimensional FID costs seconds; the growth with noise is shown on the digits below.)"""
+    (A 2048-dimensional FID is costly on a CPU; the growth with noise is shown on the digits below.)"""
     _, net, _ = inception_file
     gen = torch.Generator().manual_seed(0)
     blocks = torch.randint(0, 256, (16, 3, 4, 4), generator=gen).float()
