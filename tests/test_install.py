@@ -2,8 +2,9 @@
 fresh virtual environment with only its declared dependencies (torch first, as setup.sh does).
 
 Each command runs once through the console script (each run costs seconds: a torch import). With
-the core alone: sample and trace work; bpd on the digits and the course's `assignments` stop with
-one line naming the extra to install. With the `digits` extra: bpd and a few training steps.
+the core alone: sample, trace and fid (the bundled statistics file ships in the wheel) work; bpd
+and fid-stats on the digits and the course's `assignments` stop with one line naming the extra to
+install. With the `digits` extra: bpd, fid-stats and a few training steps.
 """
 import os
 import shutil
@@ -53,15 +54,19 @@ def test_the_wheel_in_a_fresh_environment_with_only_its_dependencies(tmp_path):
 
     command("sample", "--n", "4", "--out", "samples.png")
     command("trace", "--n", "2", "--out", "trace.png")
+    assert command("fid", "--n", "16", "--batch-size", "16").stdout.startswith("sampler: seq;")
     assert Image.open(work / "samples.png").size[0] > 0 and Image.open(work / "trace.png").size[0] > 0
     done = command("bpd", code=2)
     assert done.stderr == ("tarflow-ref bpd: error: the digits data set needs the optional package "
                            "scikit-learn: pip install 'tarflow_ref[digits]' (see --help)\n")
+    done = command("fid-stats", "--data", "digits", "--out", "digits.pth", code=2)
+    assert done.stderr.count("\n") == 1 and "pip install 'tarflow_ref[digits]'" in done.stderr
     done = command("assignments", "release", "--out", "student", code=2)
     assert done.stderr.count("\n") == 1 and "pip install 'tarflow_ref[course]'" in done.stderr
 
     done = run(*pip, f"{wheel}[digits]", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert command("bpd").stdout.startswith("bits/dim 6.5")
+    assert command("fid-stats", "--data", "digits", "--out", "digits.pth").stdout.startswith("wrote digits.pth (360")
     done = command("train", "--patch", "2", "--blocks", "1", "--steps", "3", "--warmup", "1", "--batch-size", "16")
     assert done.stdout.startswith("wrote digits_model_2_64_1_1_0.10.pth after 3 of 3 steps")
