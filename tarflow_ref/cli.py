@@ -7,7 +7,7 @@
     train    the released recipe on the digits or an image folder (train.py)
     bpd      bits per dimension of a checkpoint on the digits or an image folder
     assignments release | grade
-             student versions of the course assignments; points of a student's notebook
+             student versions of the course assignments; reports and a class table of submissions
 
 Every bad value stops before any work with one line on stderr and exit code 2.
 Images leave the model in [-1, 1] (plus the training noise); like the released evaluation,
@@ -137,11 +137,22 @@ def build_parser() -> Parser:
     rel = course.add_parser("release", parents=[source], help="write the student versions (solutions removed)")
     rel.add_argument("--out", type=Path, required=True, help="folder for the student notebooks")
     rel.add_argument("--force", action="store_true", help="replace student notebooks already in --out")
-    gr = course.add_parser("grade", parents=[source], help="run students' notebooks and print their points",
-                           description="Runs each notebook with the instructor's grade cells (it executes the "
-                                       "student's code: use a sandbox) and prints a table of points.")
-    gr.add_argument("submissions", type=Path, nargs="+", help="student notebooks, named like the assignment's")
-    gr.add_argument("--timeout", type=int, default=300, help="seconds per cell (default: 300)")
+    gr = course.add_parser("grade", parents=[source], help="grade students' notebooks: points per part and flags",
+                           description="Runs each notebook in a contained kernel (its own user id, no network, "
+                                       "limits) and its checks in the grader's process, and prints a report per "
+                                       "submission; --out also writes them and the class table (grades.csv).")
+    gr.add_argument("submissions", type=Path, nargs="+",
+                    help="student notebooks named like the assignment's, or folders of them (one folder per student)")
+    gr.add_argument("--timeout", type=int, default=300, help="seconds per cell and per check (default: 300)")
+    gr.add_argument("--out", type=Path, help="folder for the reports (reports/) and the class table (grades.csv)")
+    gr.add_argument("--force", action="store_true", help="replace reports and a table already in --out")
+    gr.add_argument("--resume", action="store_true", help="keep the reports in --out that are still valid, grade the rest")
+    gr.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="submissions graded at once (default: the number of cores)")
+    gr.add_argument("--allow-reference", action="store_true",
+                    help="flagged parts keep their points (the flags are still reported)")
+    gr.add_argument("--unsafe", action="store_true", help="grade even where the kernel cannot get fewer rights than "
+                    "the grader (not root): fit for grading your own notebook only")
     for command, run in ((s, run_sample), (t, run_trace), (tr, run_train), (b, run_bpd), (rel, run_release),
                          (gr, run_grade)):
         command.set_defaults(run=run, fail=command.error)
@@ -488,21 +499,39 @@ def run_release(args, fail):
 
 
 def run_grade(args, fail):
-    from .grading.course import grade
+    from .grading import sandbox
+    from .grading.course import Report
+    from .grading.gradebook import check_outputs, find_submissions, grade_class
 
     sources = instructor_notebooks(args, fail)
-    for path in args.submissions:
-        if not path.is_file():
-            fail(f"{path}: no such notebook")
-        if path.name not in sources:
-            fail(f"{path}: no assignment named {path.name} (there are: {', '.join(sources)})")
     if args.timeout < 1:
         fail(f"--timeout must be at least 1, got {args.timeout}")
-    for path in args.submissions:
-        try:
-            scores = grade(path, sources[path.name], timeout=args.timeout)
-        except ValueError as err:
-            fail(str(err))
-        print(f"{path}: {sum(s.earned for s in scores):g} / {sum(s.possible for s in scores):g} points")
-        for s in scores:
-            print(f"  {s.grade_id:<24} {s.earned:g} / {s.possible:g}" + (f"   {s.reason}" if s.reason else ""))
+    if args.jobs < 1:
+        fail(f"--jobs must be at least 1, got {args.jobs}")
+    if args.force and args.resume:
+        fail("--force and --resume contradict each other: pass one")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        fail(f"--out {args.out}: is a file, not a folder")
+    if (args.force or args.resume) and args.out is None:
+        fail("--force and --resume need --out")
+    try:
+        submissions = find_submissions(args.submissions, sources)
+        if args.out is not None:
+            check_outputs(args.out, submissions, args.force, args.resume)
+    except (ValueError, FileExistsError) as err:
+        fail(str(err))
+    containment = sandbox.probe()
+    if not containment.own_user:
+        if not args.unsafe:
+            fail(f"{containment.why_not}: the students' code would run with your rights "
+                 "(--unsafe grades anyway: only for your own notebook)")
+        print(f"warning: {containment.describe()}", file=sys.stderr)
+
+    def show(submission, result):
+        print(result.text() if isinstance(result, Report) else f"{submission.name}: not graded: {result}", flush=True)
+
+    grade_class(submissions, args.out, jobs=args.jobs, force=args.force, resume=args.resume, progress=show,
+                hide=[p for p in args.submissions if p.is_dir()], timeout=args.timeout,
+                allow_reference=args.allow_reference, unsafe=args.unsafe)
+    if args.out is not None:
+        print(f"wrote {args.out / 'grades.csv'} and {len(submissions)} report(s) in {args.out / 'reports'}")
