@@ -207,8 +207,8 @@ def test_cli_release_and_grade(tmp_path, capsys):
 
 def test_grading_trusts_nothing_but_the_run(tmp_path):
     """Points come from the instructor's metadata, a cell the student marks as graded earns
-    nothing, and a run that stops (time limit, dead kernel) scores the unfinished checks 0 even
-    where the submission carries old PASS outputs."""
+    nothing, and a run that stops (a cell or a check over the time limit, a dead kernel) scores
+    the unfinished checks 0 even where the submission carries old PASS outputs."""
     key = write(instructor(), tmp_path / "key.ipynb")
     greedy = instructor()
     greedy.cells[2].metadata.nbgrader["points"] = 100
@@ -217,8 +217,10 @@ def test_grading_trusts_nothing_but_the_run(tmp_path):
     assert [(s.grade_id, s.earned, s.possible) for s in report.scores] == [("check_add", 2, 2), ("check_more", 1, 1)]
 
     for name, body, why in (("slow", "    import time\n    time.sleep(60)", "a cell ran over 3 s"),
-                            ("dies", "    import os\n    os._exit(1)", "the kernel died")):
-        nb = instructor(SOLUTION)
-        nb.cells.insert(2, nbformat.v4.new_code_cell(f"def stop():\n{body}\nstop()"))
+                            ("dies", "    import os\n    os._exit(1)", "the kernel died"),
+                            ("slow-answer", None, "a check ran over 3 s")):
+        nb = instructor(SOLUTION if body else "    import time\n    time.sleep(60)")
+        if body:
+            nb.cells.insert(2, nbformat.v4.new_code_cell(f"def stop():\n{body}\nstop()"))
         report = grade(write(nb, tmp_path / f"{name}.ipynb"), key, timeout=3)
         assert [(s.earned, s.reason) for s in report.scores] == [(0, f"not finished: {why}")] * 2, name

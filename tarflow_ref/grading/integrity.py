@@ -2,7 +2,8 @@
 code beyond what the assignment hands out, the grading machinery, and code the grader cannot read.
 
 The student's code is every code cell of the submission except the grade cells (the instructor's
-are put back) and the cells it left exactly as the instructor wrote them. Each finding is a Flag
+are put back) and the cells it left exactly as the instructor wrote them; in the cells it did write
+or change, a line that is one of the instructor's given lines is the instructor's code too. Each finding is a Flag
 on one line of one cell, and belongs to the part whose grade cell comes next (after the last grade
 cell it belongs to none: no check runs after it). Three kinds:
 
@@ -157,6 +158,7 @@ class Assignment:
     def __init__(self, key):
         code = [cell for cell in key.cells if cell.cell_type == "code"]
         self.given = {cell.source.strip() for cell in code if not is_grade(cell) and not is_solution(cell)}
+        self.given_lines = {line.strip() for text in self.given for line in python_source(text).splitlines()}
         self.bindings = {}                 # name -> dotted path, from the notebook's own imports
         for node in imports_of(key):
             self.bindings.update(bound_names(node))
@@ -225,12 +227,18 @@ class Assignment:
 class Scanner(ast.NodeVisitor):
     """Flags of one student cell; names it binds to flagged code stay flagged for later cells."""
 
-    def __init__(self, assignment: Assignment, tainted: dict, modules: dict):
-        self.a, self.tainted, self.modules = assignment, tainted, modules
+    def __init__(self, assignment: Assignment, tainted: dict, modules: dict, lines: list[str]):
+        self.a, self.tainted, self.modules, self.lines = assignment, tainted, modules, lines
         self.found = []                    # (line number, kind, what)
 
-    def flag(self, node, kind, what):
-        self.found.append((getattr(node, "lineno", 1), kind, what))
+    def flag(self, node, kind, what) -> bool:
+        """Record a finding, unless its line is one of the instructor's given code (a student may
+        copy or keep those); True when recorded."""
+        lineno = getattr(node, "lineno", 1)
+        if 0 < lineno <= len(self.lines) and self.lines[lineno - 1].strip() in self.a.given_lines:
+            return False
+        self.found.append((lineno, kind, what))
+        return True
 
     # --- imports ---
     def visit_Import(self, node):
@@ -251,8 +259,8 @@ class Scanner(ast.NodeVisitor):
                     kind = "machinery" if path.startswith(f"{PACKAGE}.grading") else "reference"
                     what = f"imports {path}" + (", the package's own code" if kind == "reference" else
                                                 ", the grading machinery")
-                    self.flag(node, kind, what)
-                    self.tainted[name] = (kind, f"{name} is {path}")
+                    if self.flag(node, kind, what):
+                        self.tainted[name] = (kind, f"{name} is {path}")
             elif top in MACHINERY_MODULES:
                 self.flag(node, "machinery", f"imports {path}")
             elif top in PROCESS_MODULES:
@@ -400,9 +408,12 @@ def scan(nb, assignment: Assignment) -> list[Flag]:
             tree = ast.parse(python_source(cell.source))
         except SyntaxError:
             continue                       # it fails in the kernel as well, and defines nothing
-        scanner = Scanner(assignment, tainted, modules)
-        scanner.visit(tree)
         lines = python_source(cell.source).splitlines()
+        scanner = Scanner(assignment, tainted, modules, lines)
+        scanner.visit(tree)
+        original = cell.source.splitlines()
+        if len(original) == len(lines):    # show the line as written (`!ls`, not get_ipython().system)
+            lines = original
         seen = set()
         for lineno, kind, what in scanner.found:
             if (lineno, what) in seen:

@@ -24,6 +24,7 @@ from nbclient import NotebookClient
 from . import sandbox, wire
 
 MAX_MESSAGE = 64 << 20
+STARTUP = 300             # seconds for the agent's setup (imports), before any of the student's code
 SERVE = '__import__("tarflow_ref.grading.remote", fromlist=["serve"]).serve()'
 
 
@@ -141,7 +142,7 @@ class StudentKernel:
 
     def setup(self, watch: dict, allowed: list):
         """Let the kernel's agent remember the grading machinery before any student cell runs."""
-        self.request({"op": "setup", "watch": watch, "allowed": allowed})
+        self.request({"op": "setup", "watch": watch, "allowed": allowed}, max(self.timeout, STARTUP))
 
     def state(self) -> list:
         """Tampering with the grading machinery seen in the kernel so far, in words."""
@@ -164,9 +165,11 @@ class StudentKernel:
                                                "in the kernel replaced?)")
         return results
 
-    def request(self, message: dict) -> dict:
-        """Send message to the kernel's agent (remote.serve) and answer its callbacks until it is done."""
-        deadline = time.monotonic() + self.timeout
+    def request(self, message: dict, seconds: float | None = None) -> dict:
+        """Send message to the kernel's agent (remote.serve) and answer its callbacks until it is done,
+        within `seconds` (default: the time limit of a check)."""
+        seconds = self.timeout if seconds is None else seconds
+        deadline = time.monotonic() + seconds
         msg_id = self.kc.execute(SERVE, silent=True, store_history=False, allow_stdin=True)
         poller = zmq.Poller()
         for channel in (self.kc.stdin_channel, self.kc.shell_channel):
@@ -175,7 +178,7 @@ class StudentKernel:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise KernelStopped(f"a check ran over {self.timeout} s")
+                raise KernelStopped(f"a check ran over {seconds:g} s")
             if self.km.provisioner is None or self.km.provisioner.process.poll() is not None:
                 raise KernelStopped("the kernel died")
             ready = dict(poller.poll(min(left, 1.0) * 1000))
