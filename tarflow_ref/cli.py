@@ -129,7 +129,8 @@ def build_parser() -> Parser:
     b.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
 
     a = sub.add_parser("assignments", help="hand out and grade the course assignments (assignments/)",
-                       description="Student versions of the course assignments, and the points of a student's notebook.")
+                       description="Student versions of the course assignments, and the grades of students' "
+                                   "notebooks.")
     course = a.add_subparsers(dest="action", required=True, parser_class=Parser)
     source = Parser(add_help=False)
     source.add_argument("--source", type=Path, help="the instructor notebook(s): one .ipynb or a folder "
@@ -146,7 +147,8 @@ def build_parser() -> Parser:
     gr.add_argument("--timeout", type=int, default=300, help="seconds per cell and per check (default: 300)")
     gr.add_argument("--out", type=Path, help="folder for the reports (reports/) and the class table (grades.csv)")
     gr.add_argument("--force", action="store_true", help="replace reports and a table already in --out")
-    gr.add_argument("--resume", action="store_true", help="keep the reports in --out that are still valid, grade the rest")
+    gr.add_argument("--resume", action="store_true",
+                    help="keep the reports in --out that are still valid, grade the rest")
     gr.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                     help="submissions graded at once (default: the number of cores)")
     gr.add_argument("--allow-reference", action="store_true",

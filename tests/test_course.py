@@ -185,7 +185,8 @@ def test_cli_release_and_grade(tmp_path, capsys):
         main(release_argv)
     assert stop.value.code == 2 and "would overwrite" in capsys.readouterr().err
 
-    main(["assignments", "grade", "--source", str(key.parent), str(tmp_path / "out"), "--out", str(tmp_path / "grades")])
+    main(["assignments", "grade", "--source", str(key.parent), str(tmp_path / "out"),
+          "--out", str(tmp_path / "grades")])
     out = capsys.readouterr().out
     assert "hw.ipynb: 0 / 3 points" in out and "NotImplementedError" in out and "wrote" in out
     assert (tmp_path / "grades" / "grades.csv").read_text().splitlines()[1].startswith(",hw.ipynb,hw.ipynb,0,3,")

@@ -35,16 +35,17 @@ def flow_inverse(z, f):
 """
 # the same, hidden from a reading of the code: what only the kernel's agent can see
 HIDDEN_INVERSE = REFERENCE_INVERSE.replace("from tarflow_ref.flow import block_inverse\n",
-                                           "block_inverse = getattr(__import__('tarflow_' + 'ref.flow', fromlist=['x']), "
-                                           "'block_' + 'inverse')\n")
+                                           "block_inverse = getattr(__import__('tarflow_' + 'ref.flow', "
+                                           "fromlist=['x']), 'block_' + 'inverse')\n")
 
 STUB = "{stub}"            # the solution cell as released: a stub that raises NotImplementedError
 CHEATS = {      # name: the solution cells it writes ({stub}: the released stub, kept)
     "rebinds-the-checks": {"shift": "check_shift = check_flow_forward = check_flow_inverse = lambda fn: print('PASS')\n"
                                     + STUB},
     "swallows-errors": {"shift": "get_ipython().set_custom_exc((BaseException,), lambda *a, **k: None)\n" + STUB},
-    "rewrites-code": {"shift": "import tarflow_ref.grading.flow as g\ng.check_shift.__code__ = g.check_flow_forward.__code__"
-                               " = g.check_flow_inverse.__code__ = (lambda fn: print('PASS')).__code__\n" + STUB},
+    "rewrites-code": {"shift": "import tarflow_ref.grading.flow as g\n"
+                               "g.check_shift.__code__ = g.check_flow_forward.__code__ = g.check_flow_inverse.__code__"
+                               " = (lambda fn: print('PASS')).__code__\n" + STUB},
     "monkeypatches": {"shift": "import sys, types\nimport tarflow_ref.grading.flow as g\n"
                                "g.check_flow_inverse = lambda fn: print('PASS')\n"
                                "sys.modules['tarflow_ref.grading.flow'] = types.SimpleNamespace(check_shift=print)\n"
@@ -105,7 +106,8 @@ def test_calling_the_reference_scores_that_part_zero_unless_allowed(cheats, tmp_
     assert points(report) == {"check_shift": 2, "check_flow_forward": 4, "check_flow_inverse": 0}, report.text()
     assert report.scores[2].reason == "flagged (would earn 4; see the flags)"
     flags = {(flag.part, flag.kind, flag.what) for flag in report.flags}
-    assert ("check_flow_inverse", "reference", "imports tarflow_ref.flow.block_inverse, the package's own code") in flags
+    assert ("check_flow_inverse", "reference",
+            "imports tarflow_ref.flow.block_inverse, the package's own code") in flags
     assert ("check_flow_inverse", "reference", "called tarflow_ref.flow.block_inverse") in flags    # seen in the kernel
     line = next(flag for flag in report.flags if flag.line.startswith("return block_inverse"))
     assert line.where.startswith("cell ") and line.part == "check_flow_inverse"
@@ -120,4 +122,5 @@ def test_the_kernels_agent_sees_a_reference_call_the_reading_misses(tmp_path, mo
     hidden = {**CHEATS["calls-the-reference"], "flow_inverse": HIDDEN_INVERSE}
     report = grade(submission(tmp_path / KEY.name, hidden), KEY)
     assert points(report) == {"check_shift": 2, "check_flow_forward": 4, "check_flow_inverse": 0}, report.text()
-    assert [(flag.part, flag.what) for flag in report.flags] == [("check_flow_inverse", "called tarflow_ref.flow.block_inverse")]
+    assert [(flag.part, flag.what) for flag in report.flags] == [
+        ("check_flow_inverse", "called tarflow_ref.flow.block_inverse")]

@@ -1,6 +1,6 @@
 """Checks for assignment 01: a stable softmax, masked causal attention, and decoding with a KV cache.
 
-Zhai et al. 2024, Sec. 2.2 (the causal transformer of a flow block); SPEC "One flow block", step 3;
+Zhai et al. 2024, Sec. 2.2 (the causal transformer of a flow block); book/checkpoints.md, "One flow block", step 3;
 book/attention.md and notebooks/02_causal_attention.ipynb teach it. All arrays are NumPy float64.
 
     softmax(s)_j = exp(s_j - max s) / sum_j' exp(s_j' - max s)            along the last axis

@@ -47,7 +47,6 @@ from nbgrader.utils import is_grade, is_solution
 from . import sandbox
 from .integrity import Assignment, Flag, scan
 from .kernel import KernelStopped, StudentError, StudentKernel
-from .report import CheckFailed
 
 # the instructor notebooks of this repository (absent from a wheel: then pass a folder)
 ASSIGNMENTS = Path(__file__).resolve().parents[2] / "assignments"
@@ -156,7 +155,8 @@ class Report:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Report":
-        return cls(**{**data, "scores": [Score(**s) for s in data["scores"]], "flags": [Flag(**f) for f in data["flags"]]})
+        return cls(**{**data, "scores": [Score(**s) for s in data["scores"]],
+                      "flags": [Flag(**f) for f in data["flags"]]})
 
 
 class Uncontained(RuntimeError):
@@ -277,7 +277,8 @@ def run_contained(nb, submission: Path, assignment: Assignment, namespace: dict,
                 (kernel.scratch / submission.name).chmod(0o600)
                 shutil.chown(kernel.scratch / submission.name, uid, uid)
             kernel.setup(assignment.watch(), assignment.tracer_allowed())
-            last = max((i for i, cell in enumerate(nb.cells) if is_grade(cell) and cell.cell_type == "code"), default=-1)
+            last = max((i for i, cell in enumerate(nb.cells) if is_grade(cell) and cell.cell_type == "code"),
+                       default=-1)
             for index, cell in enumerate(nb.cells[:last + 1]):      # no cell after the last check counts
                 if cell.cell_type != "code":
                     continue

@@ -1,6 +1,6 @@
 """Checks for assignment 06: score denoising with Tweedie's formula.
 
-Zhai et al. 2024, Sec. 2.5; SPEC "Score denoising"; book/denoising.md and
+Zhai et al. 2024, Sec. 2.5; book/checkpoints.md, "Score denoising"; book/denoising.md and
 notebooks/07_score_denoising.ipynb teach it. The package's step is tarflow_ref/denoise.py (NumPy),
 the score of a whole TarFlow tarflow_ref/backward.py (grad_log_prob). All arrays are NumPy float64.
 
@@ -208,7 +208,8 @@ def check_denoise_with_loss_gradient(fn):
     batch, n_values, sigma = len(x), x[0].size, 0.2
     grad_loss = x / (batch * n_values)                   # L = mean over batch and values of x^2 / 2 + const
     lam = reference_step_size(TarFlowConfig(image_size=5, patch_size=1, channels=2), batch, sigma)
-    name = f"denoise_with_loss_gradient(x, grad_loss, {lam:.4g}) on the untrained flow (p = N(0, I)), x of shape [3, 2, 5, 5]"
+    name = (f"denoise_with_loss_gradient(x, grad_loss, {lam:.4g}) on the untrained flow (p = N(0, I)), "
+            "x of shape [3, 2, 5, 5]")
     got = as_array(name, call_unchanged(name, fn, x=x, grad_loss=grad_loss, lam=lam), x.shape)
     with hint(loss_step_mistake(got, x, grad_loss, lam)):
         expect_close(f"{name}: Tweedie's step with the score -x, (1 - sigma^2) x", got, (1 - sigma ** 2) * x)

@@ -219,8 +219,8 @@ class Assignment:
         modules.setdefault(f"{PACKAGE}.grading.report", None)
         for module in modules:
             loaded = sys.modules.get(module) or resolve(module)
-            modules[module] = sorted(a for a, o in vars(loaded).items()
-                                     if isinstance(o, (type, types.FunctionType)) and getattr(o, "__module__", "") == module)
+            modules[module] = sorted(a for a, o in vars(loaded).items() if isinstance(o, (type, types.FunctionType))
+                                     and getattr(o, "__module__", "") == module)
         return {"modules": modules, "names": names}
 
 
@@ -383,7 +383,7 @@ class Scanner(ast.NodeVisitor):
             self.visit(child)
 
     def visit_Expr(self, node):
-        if not (isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):   # a docstring says nothing
+        if not (isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):  # docstrings: nothing
             self.generic_visit(node)
 
     def visit_Constant(self, node):

@@ -1,5 +1,5 @@
 """Checks of assignment 03: Jacobi and GS-Jacobi inversion of one flow block (Liu & Qin 2025,
-Sec. 3-4; book/jacobi.md; notebooks/08_jacobi.ipynb; SPEC, "Jacobi and GS-Jacobi inversion").
+Sec. 3-4; book/jacobi.md; notebooks/08_jacobi.ipynb; book/checkpoints.md, "GS-Jacobi strategies").
 
 In the block's token order, with z: [B, T, D] the block's output and (a, m) = f(x): [B, T, D] the
 raw conditioner output (position t is computed from x_0..x_t and parametrises token t + 1):

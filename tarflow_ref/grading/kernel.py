@@ -160,7 +160,8 @@ class StudentKernel:
             self.callables.clear()
         self.dynamic += [f"called {called}" for called in done.get("called", [])] + list(done.get("state", []))
         results = done.get("results")
-        if not isinstance(results, list) or len(results) != len(packed) or not all(isinstance(r, dict) for r in results):
+        if not isinstance(results, list) or len(results) != len(packed) or \
+                not all(isinstance(r, dict) for r in results):
             raise StudentError("GradingError", "the kernel sent no result for the call (was the grader's agent "
                                                "in the kernel replaced?)")
         return results

@@ -268,7 +268,8 @@ def launch(argv: list[str]):
     """launch --work W --connection C --limits a,b,... [--uid U] [--private-mounts] [--hide=D ...] -- cmd..."""
     split = argv.index("--")
     options, command = argv[:split], argv[split + 1:]
-    value = {key: options[i + 1] for i, key in enumerate(options) if key in ("--work", "--connection", "--limits", "--uid")}
+    value = {key: options[i + 1] for i, key in enumerate(options)
+             if key in ("--work", "--connection", "--limits", "--uid")}
     hide = [o.split("=", 1)[1] for o in options if o.startswith("--hide=")]
     reach = [o.split("=", 1)[1] for o in options if o.startswith("--reach=")]
     limits = Limits(*(int(v) for v in value["--limits"].split(",")))
