@@ -35,6 +35,7 @@ def attempt(name, action):
         tried[name] = type(err).__name__
 
 attempt("delete", lambda: os.remove(VICTIM))
+attempt("delete-visible", lambda: os.remove(VISIBLE_VICTIM))
 attempt("repository", lambda: open(PLANTED, "w").write("x"))
 attempt("socket", lambda: socket.create_connection(("127.0.0.1", PORT), timeout=5).close())
 attempt("memory", lambda: bytearray(12 << 30))
@@ -53,6 +54,7 @@ def outcome(name):
 '''
 CHECKS = {
     "check_delete": 'assert outcome("delete") != "done"',
+    "check_delete_visible": 'assert outcome("delete-visible") == "PermissionError"',  # seen, and refused
     "check_repository": 'assert outcome("repository") != "done"',
     "check_socket": 'assert outcome("socket") != "done"',
     "check_memory": 'assert outcome("memory") == "MemoryError"',
@@ -72,12 +74,13 @@ def meta(grade_id, points=None):
     return {"nbgrader": m}
 
 
-def hostile(path: Path, victim: Path, port: int, marker: str) -> Path:
+def hostile(path: Path, victim: Path, visible_victim: Path, port: int, marker: str) -> Path:
     """The hostile notebook (instructor's and student's at once: its solution is the attack)."""
     limits = sandbox.Limits()
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
-    setup = f"VICTIM, PLANTED, PORT, MARKER = {str(victim)!r}, {str(PLANTED)!r}, {port}, {marker!r}"
+    setup = (f"VICTIM, VISIBLE_VICTIM, PLANTED, PORT, MARKER = {str(victim)!r}, {str(visible_victim)!r}, "
+             f"{str(PLANTED)!r}, {port}, {marker!r}")
     nb.cells = [nbformat.v4.new_code_cell(setup), nbformat.v4.new_code_cell(HOSTILE, metadata=meta("attack"))]
     nb.cells += [nbformat.v4.new_code_cell(source.format(cpu=limits.cpu_seconds, memory=limits.memory_bytes,
                                                          processes=limits.processes, files=limits.open_files,
@@ -112,25 +115,29 @@ def test_the_kernel_cannot_reach_outside(tmp_path, monkeypatch, namespaces):
     victims = tmp_path / "victims"                          # readable by all, writable by root only
     victims.mkdir(mode=0o755)
     tmp_path.chmod(0o755)
-    victim = victims / "victim.txt"
-    victim.write_text("keep me")
-    victim.chmod(0o644)
+    victim = victims / "victim.txt"                         # in /tmp, which the kernel gets a private one of
+    visible_victim = REPOSITORY / f".victim-{uuid.uuid4().hex}.txt"     # where the kernel sees it
+    for path in (victim, visible_victim):
+        path.write_text("keep me")
+        path.chmod(0o644)
     listener = socket.create_server(("127.0.0.1", 0))
     listener.setblocking(False)
     marker = f"tarflow-sandbox-test-{uuid.uuid4().hex}"
     (tmp_path / "hw").mkdir()
-    notebook = hostile(tmp_path / "hw" / "hw.ipynb", victim, listener.getsockname()[1], marker)
+    notebook = hostile(tmp_path / "hw" / "hw.ipynb", victim, visible_victim, listener.getsockname()[1], marker)
     try:
         report = grade(notebook, notebook, timeout=120, allow_reference=True)     # it is flagged, rightly
+        kept = visible_victim.exists() and visible_victim.read_text() == "keep me"
     finally:
         planted = PLANTED.exists()
         PLANTED.unlink(missing_ok=True)
+        visible_victim.unlink(missing_ok=True)
     earned = {s.grade_id: (s.earned, s.reason) for s in report.scores}
     expect_socket_refused = namespaces                      # without a network namespace 127.0.0.1 is reachable
     for grade_id in CHECKS:
         if grade_id != "check_socket" or expect_socket_refused:
             assert earned[grade_id][0] == 1, (grade_id, report.text())
-    assert victim.read_text() == "keep me" and not planted
+    assert victim.read_text() == "keep me" and kept and not planted
     assert any("subprocess" in flag.what for flag in report.flags)
     with pytest.raises(BlockingIOError):
         listener.accept()
