@@ -128,6 +128,7 @@ class Report:
     scores: list[Score]
     flags: list[Flag] = field(default_factory=list)
     seconds: float = 0.0
+    cpu_seconds: float | None = None     # the grader's and the kernel's (None: the kernel's is unknown)
     containment: str = ""
     allow_reference: bool = False
 
@@ -141,7 +142,8 @@ class Report:
 
     def text(self) -> str:
         """The report as the CLI prints it."""
-        lines = [f"{self.submission}: {self.earned:g} / {self.possible:g} points ({self.seconds:.1f} s)"]
+        cpu = "" if self.cpu_seconds is None else f", {self.cpu_seconds:.1f} s CPU"
+        lines = [f"{self.submission}: {self.earned:g} / {self.possible:g} points ({self.seconds:.1f} s{cpu})"]
         lines += [f"  {s.grade_id:<34} {s.earned:g} / {s.possible:g}" + (f"   {s.reason}" if s.reason else "")
                   for s in self.scores]
         if self.flags:
@@ -231,7 +233,7 @@ def grade(submission, instructor, timeout: int = 300, allow_reference: bool = Fa
     instructor's notebooks, which are hidden always). Uncontained when this machine cannot drop
     rights and unsafe is False.
     """
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), time.process_time()
     containment = sandbox.probe()
     if not containment.own_user and not unsafe:
         raise Uncontained(f"{containment.why_not}; --unsafe grades anyway, with the grader's own rights "
@@ -240,8 +242,8 @@ def grade(submission, instructor, timeout: int = 300, allow_reference: bool = Fa
     key, assignment, namespace = assignment_of(instructor.resolve(), instructor.stat().st_mtime)
     nb = with_instructors_checks(read_notebook(submission), grade_cells(key), submission.name)
     flags = scan(nb, assignment)
-    outcome, stopped, dynamic = run_contained(nb, submission, assignment, namespace, containment, timeout, limits,
-                                              [instructor.parent, *hide])
+    outcome, stopped, dynamic, kernel_cpu = run_contained(nb, submission, assignment, namespace, containment, timeout,
+                                                          limits, [instructor.parent, *hide])
     flags += dynamic
     where = {cell.metadata.nbgrader["grade_id"]: cell for cell in nb.cells if is_grade(cell)}
     flagged = {flag.part for flag in flags}
@@ -260,16 +262,18 @@ def grade(submission, instructor, timeout: int = 300, allow_reference: bool = Fa
         else:
             reason = outcome[grade_id]
             scores.append(Score(grade_id, 0.0 if reason else possible, possible, reason))
-    return Report(str(submission), instructor.name, scores, flags, time.monotonic() - started,
+    cpu = None if kernel_cpu is None else kernel_cpu + time.process_time() - cpu_started
+    return Report(str(submission), instructor.name, scores, flags, time.monotonic() - started, cpu,
                   containment.describe(), allow_reference)
 
 
 def run_contained(nb, submission: Path, assignment: Assignment, namespace: dict, containment, timeout, limits, hide):
     """Run nb in a contained kernel, its grade cells here: ({grade_id: reason, '' when passed} for
-    the grade cells reached, why the run stopped ('' if it did not), dynamic flags)."""
+    the grade cells reached, why the run stopped ('' if it did not), dynamic flags, the kernel's CPU
+    seconds or None)."""
     work = Path(tempfile.mkdtemp(prefix="tarflow-grade-"))
     uid = sandbox.fresh_uid() if containment.own_user else None
-    outcome, stopped, dynamic, seen = {}, "", [], set()
+    outcome, stopped, dynamic, seen, kernel = {}, "", [], set(), None
     try:
         with StudentKernel(nb, work, containment, uid, limits, timeout, hide) as kernel:
             shutil.copy(submission, kernel.scratch / submission.name)
@@ -298,4 +302,4 @@ def run_contained(nb, submission: Path, assignment: Assignment, namespace: dict,
         stopped = str(err)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return outcome, stopped, dynamic
+    return outcome, stopped, dynamic, getattr(kernel, "cpu_seconds", None)

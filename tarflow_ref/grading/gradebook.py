@@ -178,14 +178,14 @@ def table(submissions, results) -> str:
     text = io.StringIO()
     rows = csv.writer(text)
     rows.writerow(["student", "submission", "assignment", "points", "possible", *parts, "flagged_parts", "flags",
-                   "seconds", "not_graded"])
+                   "seconds", "cpu_seconds", "not_graded"])
     for s, result in zip(submissions, results):
         if isinstance(result, str):
-            rows.writerow([s.student, s.name, s.instructor.name, "", "", *[""] * len(parts), "", "", "", result])
+            rows.writerow([s.student, s.name, s.instructor.name, "", "", *[""] * len(parts), "", "", "", "", result])
             continue
         earned = {score.grade_id: f"{score.earned:g}" for score in result.scores}
         flagged = sorted({flag.part for flag in result.flags if flag.part})
         rows.writerow([s.student, s.name, result.assignment, f"{result.earned:g}", f"{result.possible:g}",
                        *[earned.get(p, "") for p in parts], " ".join(flagged), len(result.flags),
-                       f"{result.seconds:.1f}", ""])
+                       f"{result.seconds:.1f}", "" if result.cpu_seconds is None else f"{result.cpu_seconds:.1f}", ""])
     return text.getvalue()

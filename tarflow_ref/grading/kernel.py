@@ -94,7 +94,7 @@ class StudentKernel:
         self.km.prefix = sandbox.kernel_prefix(containment, uid, work, run / "kernel.json", limits, hide)
         self.client = NotebookClient(nb, km=self.km, timeout=timeout, allow_errors=True, kernel_name="python3",
                                      shutdown_kernel="immediate", resources={"metadata": {"path": str(self.scratch)}})
-        self.callables, self.dynamic = {}, []
+        self.callables, self.dynamic, self.cpu_seconds = {}, [], None
 
     def __enter__(self):
         self.log = open(self.work / "kernel.log", "wb")
@@ -114,6 +114,8 @@ class StudentKernel:
         return self
 
     def __exit__(self, *exc):
+        if self.uid is not None:
+            self.cpu_seconds = sandbox.user_cpu_seconds(self.uid)
         try:
             self.kc.stop_channels()
         finally:

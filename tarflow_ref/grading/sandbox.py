@@ -126,6 +126,19 @@ def user_processes(uid: int) -> list[int]:
     return found
 
 
+def user_cpu_seconds(uid: int) -> float:
+    """CPU seconds used so far by the live processes of uid and the children they reaped."""
+    total = 0
+    for pid in user_processes(uid):
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(f) for f in fields[11:15])     # utime, stime, cutime, cstime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def kill_user(uid: int, attempts: int = 50) -> bool:
     """SIGKILL every process of uid until none is left; True when none is."""
     for _ in range(attempts):
