@@ -533,7 +533,7 @@ def run_grade(args, fail):
         print(result.text() if isinstance(result, Report) else f"{submission.name}: not graded: {result}", flush=True)
 
     grade_class(submissions, args.out, jobs=args.jobs, force=args.force, resume=args.resume, progress=show,
-                hide=[p for p in args.submissions if p.is_dir()], timeout=args.timeout,
+                hide=[p if p.is_dir() else p.parent for p in args.submissions], timeout=args.timeout,
                 allow_reference=args.allow_reference, unsafe=args.unsafe)
     if args.out is not None:
         print(f"wrote {args.out / 'grades.csv'} and {len(submissions)} report(s) in {args.out / 'reports'}")

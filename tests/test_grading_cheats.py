@@ -1,8 +1,9 @@
 """A student who games the grade of assignment 02 instead of writing it earns nothing for what it did
 not write, and the report names the line (tarflow_ref/grading/course.py, integrity.py, remote.py).
 
-Each cheat below scored 10/10 when the grade cells ran inside the student's kernel, every function
-still raising NotImplementedError (or, for the last one, the inverse calling the package's own).
+When the grade cells ran inside the student's kernel, rebinding the checks, swallowing every error
+with set_custom_exc and rewriting the checks' code each scored 10/10 with every function still
+raising NotImplementedError, and an inverse that calls the package's own scored 10/10 unnoticed.
 """
 import nbformat
 import pytest
@@ -50,6 +51,7 @@ CHEATS = {      # name: the solution cells it writes ({stub}: the released stub,
                                "g.check_flow_inverse = lambda fn: print('PASS')\n"
                                "sys.modules['tarflow_ref.grading.flow'] = types.SimpleNamespace(check_shift=print)\n"
                                + STUB},
+    "replaces-the-agent": {"shift": "import tarflow_ref.grading.remote as agent\nagent.serve = lambda: None\n" + STUB},
     "calls-the-reference": {"shift": SHIFT, "flow_forward": FORWARD, "flow_inverse": REFERENCE_INVERSE},
 }
 
@@ -89,6 +91,8 @@ def cheats(tmp_path_factory):
     ("monkeypatches", ["assigns into g.check_flow_inverse (monkeypatching)", "uses sys.modules",
                        "tarflow_ref.grading.flow.check_flow_inverse was replaced",
                        "sys.modules['tarflow_ref.grading.flow'] was replaced"]),
+    ("replaces-the-agent", ["imports tarflow_ref.grading.remote", "assigns into agent.serve",
+                            "the grader's agent in the kernel was replaced or broken"]),
 ])
 def test_tampering_with_the_checks_earns_nothing_and_is_flagged(cheats, name, flagged):
     report = cheats[name]

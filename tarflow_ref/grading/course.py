@@ -290,7 +290,10 @@ def run_contained(nb, submission: Path, assignment: Assignment, namespace: dict,
                     kernel.run_cell(cell, index)
                     continue
                 grade_id = cell.metadata.nbgrader["grade_id"]
-                kernel.dynamic += kernel.state()
+                try:
+                    kernel.dynamic += kernel.state()
+                except StudentError:
+                    kernel.dynamic.append("the grader's agent in the kernel was replaced or broken")
                 outcome[grade_id] = run_check(cell.source, namespace, kernel)
                 for what in kernel.dynamic:
                     if what not in seen:

@@ -178,7 +178,14 @@ class Assignment:
                     name = self.package_object(chain(node))
                     if name and not name.endswith(":"):
                         self.allowed.add(name)
-        self.grade_imports = imports_of(key, [cell for cell in code if not is_grade(cell)])
+        used = set()                       # the names the grade cells use
+        for cell in code:
+            if is_grade(cell):
+                try:
+                    used |= {n.id for n in ast.walk(ast.parse(python_source(cell.source))) if isinstance(n, ast.Name)}
+                except SyntaxError:
+                    pass
+        self.grade_imports = [node for node in imports_of(key) if set(bound_names(node)) & used]
 
     def hands_out(self, where: str) -> bool:
         """Whether the assignment hands out the package object 'module:qualname' (all of problems.py,

@@ -10,7 +10,7 @@ A proxy call is one request over the kernel's stdin channel (remote.py has the p
 callables among its arguments (a conditioner f, a score) stay here and the kernel calls them back,
 and proxy.batch(calls) sends many calls in one request. What comes back is untrusted data: decoded
 by wire.py (no pickle), each message at most MAX_MESSAGE bytes, each request within the deadline
-of the check that sent it.
+of the check that sent it; what the kernel prints is not even kept.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from nbclient import NotebookClient
 
 from . import sandbox, wire
 
-MAX_MESSAGE = 64 << 20
+MAX_MESSAGE = 16 << 20   # the largest plain data a check exchanges is ~0.3 MB (360 digits' z)
 STARTUP = 300             # seconds for the agent's setup (imports), before any of the student's code
 SERVE = '__import__("tarflow_ref.grading.remote", fromlist=["serve"]).serve()'
 
@@ -46,6 +46,17 @@ class ContainedKernelManager(AsyncKernelManager):
 
     def format_kernel_cmd(self, extra_arguments=None):
         return self.prefix + super().format_kernel_cmd(extra_arguments)
+
+
+class OutputlessClient(NotebookClient):
+    """nbclient, keeping none of the kernel's output: none of it counts, and a student's cell that
+    prints without end must not fill the grader's memory."""
+
+    def output(self, outs, msg, display_id, cell_index):
+        return None
+
+    def handle_comm_msg(self, outs, msg, cell_index):
+        return None
 
 
 class KernelFunction:
@@ -92,7 +103,7 @@ class StudentKernel:
         self.km = ContainedKernelManager(kernel_name="python3", transport="ipc", ip=str(run / "kernel"),
                                          connection_file=str(run / "kernel.json"))
         self.km.prefix = sandbox.kernel_prefix(containment, uid, work, run / "kernel.json", limits, hide)
-        self.client = NotebookClient(nb, km=self.km, timeout=timeout, allow_errors=True, kernel_name="python3",
+        self.client = OutputlessClient(nb, km=self.km, timeout=timeout, allow_errors=True, kernel_name="python3",
                                      shutdown_kernel="immediate", resources={"metadata": {"path": str(self.scratch)}})
         self.callables, self.dynamic, self.cpu_seconds = {}, [], None
 
