@@ -171,8 +171,13 @@ def test_the_six_assignments_graded_as_a_class(tmp_path):
     with pytest.raises(FileExistsError, match="grades.csv"):
         grade_class(submissions, tmp_path / "out")
     regraded = []
-    again = grade_class(submissions, tmp_path / "out", resume=True, progress=lambda s, r: regraded.append(s))
+    again = grade_class(submissions, tmp_path / "out", resume=True, progress=lambda s, r: regraded.append(s),
+                        timeout=300)
     assert not regraded and [r.earned for r in again] == [r.earned for r in reports]
+    (tmp_path / "class" / "key-02_affine_flow" / "02_affine_flow.ipynb").write_text("changed")   # graded again
+    again = grade_class(submissions, tmp_path / "out", resume=True, progress=lambda s, r: regraded.append(s),
+                        timeout=300)
+    assert [s.name for s in regraded] == ["key-02_affine_flow/02_affine_flow.ipynb"] and isinstance(again[7], str)
 
 
 def test_cli_release_and_grade(tmp_path, capsys):
