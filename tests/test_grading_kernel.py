@@ -153,6 +153,10 @@ AGENTS = {       # a fake grader's agent the student's code puts in the kernel: 
     "def serve():\n    pass": "the grader's agent in the kernel failed",
     "def serve():\n    raise SystemExit('no')": "the grader's agent in the kernel failed",
     "def serve():\n"
+    "    ask = get_ipython().kernel.raw_input\n"
+    "    ask('[' * 100000)\n"
+    "    ask('{not json')": "the grader's agent in the kernel failed",
+    "def serve():\n"
     "    buffer = io.BytesIO()\n"
     "    np.save(buffer, np.array([print], dtype=object), allow_pickle=True)\n"
     "    array = {'~': 'array', 'npy': base64.b64encode(buffer.getvalue()).decode()}\n"

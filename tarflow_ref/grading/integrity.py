@@ -287,10 +287,11 @@ class Scanner(ast.NodeVisitor):
         names = chain(node)
         if isinstance(node.ctx, ast.Load) and names:
             self.check_load(node, names)
-        if node.attr in MACHINERY_ATTRIBUTES:
-            self.flag(node, "machinery", f"uses .{node.attr}")
-        elif names and len(names) == 2 and self.modules.get(names[0]) == "sys" and node.attr in SYS_ATTRIBUTES:
-            self.flag(node, "machinery", f"uses sys.{node.attr}")
+        for attribute in names[1:] if names else [node.attr]:      # each of a.b.c: its parts are not visited
+            if attribute in MACHINERY_ATTRIBUTES:
+                self.flag(node, "machinery", f"uses .{attribute}")
+        if names and len(names) > 1 and self.modules.get(names[0]) == "sys" and names[1] in SYS_ATTRIBUTES:
+            self.flag(node, "machinery", f"uses sys.{names[1]}")
         if not isinstance(node.ctx, ast.Load):
             root = names[0] if names else None
             if root and (root in self.modules or root in self.a.bindings):

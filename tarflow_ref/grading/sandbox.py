@@ -226,7 +226,7 @@ def _mount(source: str, target: str, fstype: str | None, flags: int, data: str |
         raise OSError(errno, f"mount {source} on {target}: {os.strerror(errno)}")
 
 
-MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC = 1, 32, 4096, 16384
+MS_BIND, MS_REC = 4096, 16384
 
 
 def replace_folder(folder: str, keep: list[str], mode: str):

@@ -1,4 +1,4 @@
-"""Plain data across the boundary between the grader and a student's kernel: JSON text, never pickle.
+"""Plain data across the boundary between the grader and a student's kernel: JSON, never pickle.
 
 Both sides use this codec: the grader (course.py, kernel.py) to send a check's inputs and to read
 what the student's function returned, the student's kernel (remote.py) to read those inputs and
@@ -30,7 +30,6 @@ import base64
 import dataclasses
 import importlib
 import io
-import json
 import re
 
 import numpy as np
@@ -189,16 +188,3 @@ def _text(data, key):
     if not isinstance(value, str):
         raise WireError(f"{key!r} is not a string")
     return value
-
-
-def dumps(value, callable_id=None) -> str:
-    return json.dumps(pack(value, callable_id))
-
-
-def loads(text: str, stub=None):
-    """unpack(json.loads(text)); any malformation is a WireError."""
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as err:
-        raise WireError(f"not JSON: {str(err)[:80]}") from None
-    return unpack(data, stub)
