@@ -501,39 +501,11 @@ def run_release(args, fail):
 
 
 def run_grade(args, fail):
-    from .grading import sandbox
-    from .grading.course import Report
-    from .grading.gradebook import check_outputs, find_submissions, grade_class
+    from .grading.gradebook import grade_command
 
     sources = instructor_notebooks(args, fail)
-    if args.timeout < 1:
-        fail(f"--timeout must be at least 1, got {args.timeout}")
-    if args.jobs < 1:
-        fail(f"--jobs must be at least 1, got {args.jobs}")
-    if args.force and args.resume:
-        fail("--force and --resume contradict each other: pass one")
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        fail(f"--out {args.out}: is a file, not a folder")
-    if (args.force or args.resume) and args.out is None:
-        fail("--force and --resume need --out")
     try:
-        submissions = find_submissions(args.submissions, sources)
-        if args.out is not None:
-            check_outputs(args.out, submissions, args.force, args.resume)
+        grade_command(args.submissions, sources, args.out, jobs=args.jobs, force=args.force, resume=args.resume,
+                      timeout=args.timeout, allow_reference=args.allow_reference, unsafe=args.unsafe)
     except (ValueError, FileExistsError) as err:
         fail(str(err))
-    containment = sandbox.probe()
-    if not containment.own_user:
-        if not args.unsafe:
-            fail(f"{containment.why_not}: the students' code would run with your rights "
-                 "(--unsafe grades anyway: only for your own notebook)")
-        print(f"warning: {containment.describe()}", file=sys.stderr)
-
-    def show(submission, result):
-        print(result.text() if isinstance(result, Report) else f"{submission.name}: not graded: {result}", flush=True)
-
-    grade_class(submissions, args.out, jobs=args.jobs, force=args.force, resume=args.resume, progress=show,
-                hide=[p if p.is_dir() else p.parent for p in args.submissions], timeout=args.timeout,
-                allow_reference=args.allow_reference, unsafe=args.unsafe)
-    if args.out is not None:
-        print(f"wrote {args.out / 'grades.csv'} and {len(submissions)} report(s) in {args.out / 'reports'}")

@@ -20,11 +20,13 @@ import hashlib
 import io
 import json
 import os
+import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import sandbox
 from .course import Report, grade
 
 TABLE = "grades.csv"
@@ -159,6 +161,42 @@ def grade_class(submissions, out: Path | None = None, jobs: int = 1, force: bool
     if out is not None:
         write_atomically(out / TABLE, table(submissions, ordered))
     return ordered
+
+
+def grade_command(paths, instructors: dict, out: Path | None = None, jobs: int = 1, force: bool = False,
+                  resume: bool = False, timeout: int = 300, allow_reference: bool = False, unsafe: bool = False):
+    """The CLI's `assignments grade`: check everything first (ValueError or FileExistsError, one line,
+    before any work), then grade the submissions among paths (find_submissions) against the
+    instructor notebooks (name -> path), print each report as it is done, and with out write them
+    and the table."""
+    if timeout < 1:
+        raise ValueError(f"--timeout must be at least 1, got {timeout}")
+    if jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {jobs}")
+    if force and resume:
+        raise ValueError("--force and --resume contradict each other: pass one")
+    if (force or resume) and out is None:
+        raise ValueError("--force and --resume need --out")
+    if out is not None and out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file, not a folder")
+    submissions = find_submissions(paths, instructors)
+    if out is not None:
+        check_outputs(out, submissions, force, resume)
+    containment = sandbox.probe()
+    if not containment.own_user:
+        if not unsafe:
+            raise ValueError(f"{containment.why_not}: the students' code would run with your rights "
+                             "(--unsafe grades anyway: only for your own notebook)")
+        print(f"warning: {containment.describe()}", file=sys.stderr)
+
+    def show(submission, result):
+        print(result.text() if isinstance(result, Report) else f"{submission.name}: not graded: {result}", flush=True)
+
+    grade_class(submissions, out, jobs=jobs, force=force, resume=resume, progress=show,
+                hide=[Path(p) if Path(p).is_dir() else Path(p).parent for p in paths], timeout=timeout,
+                allow_reference=allow_reference, unsafe=unsafe)
+    if out is not None:
+        print(f"wrote {out / TABLE} and {len(submissions)} report(s) in {out / 'reports'}")
 
 
 def _one_thread():
