@@ -3,8 +3,16 @@ what they refuse and how they say it."""
 import numpy as np
 import pytest
 
-from tarflow_ref.grading.report import (CheckFailed, as_array, call_many, call_unchanged, expect_close, hint, passed,
-                                        same)
+from tarflow_ref.grading.report import (
+    CheckFailed,
+    as_array,
+    call_many,
+    call_unchanged,
+    expect_close,
+    hint,
+    passed,
+    same,
+)
 
 
 def test_as_array_names_what_is_wrong():

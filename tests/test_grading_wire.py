@@ -66,8 +66,8 @@ def npy(a, allow_pickle=False):
 
 
 @pytest.mark.parametrize("message, problem", [
-    ('{"~": "array", "npy": "%s"}' % npy(np.array([object()]), allow_pickle=True), "not an array"),
-    ('{"~": "array", "npy": "%s"}' % npy(np.array(["text"])), "only numbers cross"),
+    (f'{{"~": "array", "npy": "{npy(np.array([object()]), allow_pickle=True)}"}}', "not an array"),
+    (f'{{"~": "array", "npy": "{npy(np.array(["text"]))}"}}', "only numbers cross"),
     ('{"~": "array", "npy": "not base64!"}', "not an array"),
     ('{"~": "eval", "v": "__import__(\'os\')"}', "unknown tag"),
     ('{"~": "dict", "v": [[[1], 2]]}', "a dict key of type list"),

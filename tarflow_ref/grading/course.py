@@ -156,7 +156,7 @@ class Report:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Report":
+    def from_dict(cls, data: dict) -> Report:
         return cls(**{**data, "scores": [Score(**s) for s in data["scores"]],
                       "flags": [Flag(**f) for f in data["flags"]]})
 
@@ -223,7 +223,7 @@ def run_check(source: str, namespace: dict, kernel: StudentKernel) -> str:
 
 
 def grade(submission, instructor, timeout: int = 300, allow_reference: bool = False, unsafe: bool = False,
-          hide=(), limits: sandbox.Limits = sandbox.Limits()) -> Report:
+          hide=(), limits: sandbox.Limits = sandbox.LIMITS) -> Report:
     """Grade a student's notebook against the instructor's (paths): run it contained, run its grade
     cells here against the kernel, scan its code, and score each part in the instructor's order.
 

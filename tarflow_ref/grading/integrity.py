@@ -214,7 +214,7 @@ class Assignment:
         """What the kernel's agent should watch (remote.setup): the package's modules the notebook
         imports from, with the functions and classes defined in each, and the names bound to them."""
         modules, names = {}, {}
-        for name, path in self.bindings.items():
+        for name in self.bindings:
             obj = self.objects.get(name)
             where = qualified(obj) if obj is not None else None
             if where is None:

@@ -55,6 +55,9 @@ class Limits:
     tmp_bytes: int = 256 << 20           # each private /tmp, /var/tmp and /dev/shm
 
 
+LIMITS = Limits()                        # the default of grading a submission
+
+
 @dataclass(frozen=True)
 class Containment:
     """How a kernel can be contained on this machine: as its own user (root) with or without
