@@ -1,10 +1,17 @@
-"""Handing out and grading the course assignments (tarflow_ref/grading/course.py, the CLI's
-`assignments`), on a small instructor notebook made here and on the real assignments/."""
+"""Handing out and grading the course assignments (tarflow_ref/grading/course.py, gradebook.py, the
+CLI's `assignments`), on a small instructor notebook made here and on the real assignments/.
+
+Grading runs each notebook in a contained kernel (as root, which CI is: its own user id and
+namespaces) and its grade cells in the test's process."""
+import csv
+import shutil
+
 import nbformat
 import pytest
 
 from tarflow_ref.cli import main
-from tarflow_ref.grading.course import ASSIGNMENTS, find_notebooks, grade, release, student_version
+from tarflow_ref.grading.course import ASSIGNMENTS, Report, find_notebooks, grade, release, student_version
+from tarflow_ref.grading.gradebook import find_submissions, grade_class
 
 SOLUTION = "    ### BEGIN SOLUTION\n    return a + b\n    ### END SOLUTION"
 
@@ -95,8 +102,8 @@ def test_find_notebooks_names_a_bad_source(tmp_path):
         release([tmp_path / "bad.ipynb"], tmp_path / "out")
 
 
-def points(scores):
-    return {s.grade_id: s.earned for s in scores}
+def points(report):
+    return {s.grade_id: s.earned for s in report.scores}
 
 
 def test_grading_scores_answers_and_restores_the_instructors_checks(tmp_path):
@@ -105,16 +112,16 @@ def test_grading_scores_answers_and_restores_the_instructors_checks(tmp_path):
     assert points(grade(right, key)) == {"check_add": 2, "check_more": 1}
 
     blank = write(student_version(instructor()), tmp_path / "blank.ipynb")
-    scores = grade(blank, key)
-    assert points(scores) == {"check_add": 0, "check_more": 0}
-    assert scores[0].reason.startswith("NotImplementedError")
+    report = grade(blank, key)
+    assert points(report) == {"check_add": 0, "check_more": 0}
+    assert report.scores[0].reason.startswith("NotImplementedError") and not report.flags
 
     # a wrong answer whose student replaced the first check by `pass`: grading puts the check back
     cheat = instructor("    return a - b")
     cheat.cells[2].source = "pass"
-    scores = grade(write(cheat, tmp_path / "cheat.ipynb"), key)
-    assert points(scores) == {"check_add": 0, "check_more": 0}
-    assert scores[0].reason.startswith("AssertionError")
+    report = grade(write(cheat, tmp_path / "cheat.ipynb"), key)
+    assert points(report) == {"check_add": 0, "check_more": 0}
+    assert report.scores[0].reason.startswith("AssertionError")
 
     # right for whole numbers only, in the student version (which has no hidden test): the visible
     # tests pass, the hidden one (back at grading) does not
@@ -125,32 +132,52 @@ def test_grading_scores_answers_and_restores_the_instructors_checks(tmp_path):
 
     demoted = instructor()
     demoted.cells[3] = nbformat.v4.new_markdown_cell("assert True", metadata=demoted.cells[3].metadata)
-    scores = grade(write(demoted, tmp_path / "demoted.ipynb"), key)
-    assert points(scores) == {"check_add": 2, "check_more": 0} and "markdown" in scores[1].reason
+    report = grade(write(demoted, tmp_path / "demoted.ipynb"), key)
+    assert points(report) == {"check_add": 2, "check_more": 0} and "markdown" in report.scores[1].reason
 
     deleted = instructor()
     del deleted.cells[3]
-    scores = grade(write(deleted, tmp_path / "deleted.ipynb"), key)
-    assert points(scores) == {"check_add": 2, "check_more": 0} and scores[1].reason == "grade cell deleted"
+    report = grade(write(deleted, tmp_path / "deleted.ipynb"), key)
+    assert points(report) == {"check_add": 2, "check_more": 0} and report.scores[1].reason == "grade cell deleted"
 
 
-def test_the_assignments_release_an_unanswered_one_earns_nothing_and_the_key_everything(tmp_path):
-    """Every real assignment: its student version keeps no solution, every grade cell of the
-    unanswered version fails (the checks cannot pass without the student's code), and the
-    instructor's version earns every point (no check writes to stderr, which nbgrader's rule
-    counts as a failure)."""
+def test_the_six_assignments_graded_as_a_class(tmp_path):
+    """Every real assignment twice, as one class graded two at a time: its instructor version earns
+    every point with no flag, its unanswered student version (which keeps no solution) nothing; the
+    table has a row per submission and a column per part, and is not overwritten without force."""
     notebooks = find_notebooks(ASSIGNMENTS)
-    written = release(notebooks, tmp_path)
-    for path, student_path in zip(notebooks, written):
-        key, student = nbformat.read(path, as_version=4), nbformat.read(student_path, as_version=4)
-        solutions = [cell for cell in key.cells if cell.metadata.get("nbgrader", {}).get("solution")]
-        stubs = sum(cell.source.count("raise NotImplementedError()") for cell in student.cells
-                    if cell.cell_type == "code")
-        assert solutions and stubs == len(solutions)
-        assert "BEGIN SOLUTION" not in sources(student)
-        scores = grade(student_path, path)
-        assert scores and all(s.earned == 0 for s in scores), (path.name, scores)
-        assert all(s.earned == s.possible for s in grade(path, path)), path.name    # the key earns every point
+    unanswered = release(notebooks, tmp_path / "released")
+    for key, student in zip(notebooks, unanswered):
+        assert "BEGIN SOLUTION" not in sources(nbformat.read(student, as_version=4))
+        (tmp_path / "class" / f"key-{key.stem}").mkdir(parents=True)
+        shutil.copy(key, tmp_path / "class" / f"key-{key.stem}")
+        (tmp_path / "class" / f"blank-{key.stem}").mkdir()
+        shutil.copy(student, tmp_path / "class" / f"blank-{key.stem}")
+    submissions = find_submissions([tmp_path / "class"], {p.name: p for p in notebooks})
+    reports = grade_class(submissions, tmp_path / "out", jobs=2, timeout=300)
+    assert len(reports) == 12 and all(isinstance(r, Report) for r in reports), reports
+    for s, report in zip(submissions, reports):
+        if s.student.startswith("key-"):
+            assert report.earned == report.possible > 0 and not report.flags, report.text()
+        else:
+            assert report.earned == 0 and all(r.reason.startswith("NotImplementedError") for r in report.scores), \
+                report.text()
+    rows = list(csv.DictReader(open(tmp_path / "out" / "grades.csv")))
+    assert [r["submission"] for r in rows] == [s.name for s in submissions]
+    key_02 = next(r for r in rows if r["student"] == "key-02_affine_flow")
+    assert (key_02["points"], key_02["check_flow_inverse"], key_02["check_softmax"]) == ("10", "4", "")
+    assert all((tmp_path / "out" / "reports" / f"{s.name}.json").exists() for s in submissions)
+
+    with pytest.raises(FileExistsError, match="grades.csv"):
+        grade_class(submissions, tmp_path / "out")
+    regraded = []
+    again = grade_class(submissions, tmp_path / "out", resume=True, progress=lambda s, r: regraded.append(s),
+                        timeout=300)
+    assert not regraded and [r.earned for r in again] == [r.earned for r in reports]
+    (tmp_path / "class" / "key-02_affine_flow" / "02_affine_flow.ipynb").write_text("changed")   # graded again
+    again = grade_class(submissions, tmp_path / "out", resume=True, progress=lambda s, r: regraded.append(s),
+                        timeout=300)
+    assert [s.name for s in regraded] == ["key-02_affine_flow/02_affine_flow.ipynb"] and isinstance(again[7], str)
 
 
 def test_cli_release_and_grade(tmp_path, capsys):
@@ -163,32 +190,43 @@ def test_cli_release_and_grade(tmp_path, capsys):
         main(release_argv)
     assert stop.value.code == 2 and "would overwrite" in capsys.readouterr().err
 
-    main(["assignments", "grade", "--source", str(key.parent), str(tmp_path / "out" / "hw.ipynb")])
+    main(["assignments", "grade", "--source", str(key.parent), str(tmp_path / "out"),
+          "--out", str(tmp_path / "grades")])
     out = capsys.readouterr().out
-    assert "hw.ipynb: 0 / 3 points" in out and "NotImplementedError" in out
+    assert "hw.ipynb: 0 / 3 points" in out and "NotImplementedError" in out and "wrote" in out
+    assert (tmp_path / "grades" / "grades.csv").read_text().splitlines()[1].startswith(",hw.ipynb,hw.ipynb,0,3,")
 
     write(nbformat.v4.new_notebook(), tmp_path / "other.ipynb")
-    for submission, message in ((tmp_path / "missing.ipynb", "no such notebook"),
-                                (tmp_path / "other.ipynb", "no assignment named other.ipynb")):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "empty").mkdir()
+    for argv, message in (([str(tmp_path / "missing.ipynb")], "no such notebook"),
+                          ([str(tmp_path / "other.ipynb")], "no assignment named other.ipynb"),
+                          ([str(tmp_path / "empty")], "no notebook named like an assignment"),
+                          ([str(tmp_path / "out"), "--out", str(tmp_path / "grades")], "would overwrite"),
+                          ([str(tmp_path / "out"), "--out", str(tmp_path / "file")], "is a file"),
+                          ([str(tmp_path / "out"), "--force"], "need --out"),
+                          ([str(tmp_path / "out"), "--jobs", "0"], "--jobs must be at least 1")):
         with pytest.raises(SystemExit) as stop:
-            main(["assignments", "grade", "--source", str(key.parent), str(submission)])
-        assert stop.value.code == 2 and message in capsys.readouterr().err
+            main(["assignments", "grade", "--source", str(key.parent), *argv])
+        assert stop.value.code == 2 and message in capsys.readouterr().err, message
 
 
 def test_grading_trusts_nothing_but_the_run(tmp_path):
     """Points come from the instructor's metadata, a cell the student marks as graded earns
-    nothing, and a run that stops (time limit, dead kernel) scores the unfinished checks 0 even
-    where the submission carries old PASS outputs."""
+    nothing, and a run that stops (a cell or a check over the time limit, a dead kernel) scores
+    the unfinished checks 0 even where the submission carries old PASS outputs."""
     key = write(instructor(), tmp_path / "key.ipynb")
     greedy = instructor()
     greedy.cells[2].metadata.nbgrader["points"] = 100
     greedy.cells.append(nbformat.v4.new_code_cell("print('free points')", metadata=meta("bonus", points=50)))
-    scores = grade(write(greedy, tmp_path / "greedy.ipynb"), key)
-    assert [(s.grade_id, s.earned, s.possible) for s in scores] == [("check_add", 2, 2), ("check_more", 1, 1)]
+    report = grade(write(greedy, tmp_path / "greedy.ipynb"), key)
+    assert [(s.grade_id, s.earned, s.possible) for s in report.scores] == [("check_add", 2, 2), ("check_more", 1, 1)]
 
     for name, body, why in (("slow", "    import time\n    time.sleep(60)", "a cell ran over 3 s"),
-                            ("dies", "    import os\n    os._exit(1)", "the kernel died")):
-        nb = instructor(SOLUTION)
-        nb.cells.insert(2, nbformat.v4.new_code_cell(f"def stop():\n{body}\nstop()"))
-        scores = grade(write(nb, tmp_path / f"{name}.ipynb"), key, timeout=3)
-        assert [(s.earned, s.reason) for s in scores] == [(0, f"not finished: {why}")] * 2, name
+                            ("dies", "    import os\n    os._exit(1)", "the kernel died"),
+                            ("slow-answer", None, "a check ran over 3 s")):
+        nb = instructor(SOLUTION if body else "    import time\n    time.sleep(60)")
+        if body:
+            nb.cells.insert(2, nbformat.v4.new_code_cell(f"def stop():\n{body}\nstop()"))
+        report = grade(write(nb, tmp_path / f"{name}.ipynb"), key, timeout=3)
+        assert [(s.earned, s.reason) for s in report.scores] == [(0, f"not finished: {why}")] * 2, name

@@ -3,7 +3,16 @@ what they refuse and how they say it."""
 import numpy as np
 import pytest
 
-from tarflow_ref.grading.report import CheckFailed, as_array, call_unchanged, expect_close, hint, passed, same
+from tarflow_ref.grading.report import (
+    CheckFailed,
+    as_array,
+    call_many,
+    call_unchanged,
+    expect_close,
+    hint,
+    passed,
+    same,
+)
 
 
 def test_as_array_names_what_is_wrong():
@@ -44,6 +53,47 @@ def test_call_unchanged_calls_positionally_and_catches_writes_into_inputs():
         return values
     with pytest.raises(CheckFailed, match="f: the function changed its argument x in place"):
         call_unchanged("f", in_place, x=a, scale=2.0)
+
+
+class Batched:
+    """A function answered in batches, as a student's function in the kernel is (kernel.KernelFunction):
+    every call made, an error returned as a value."""
+
+    def __init__(self, fn):
+        self.fn, self.batches = fn, 0
+
+    def batch(self, calls):
+        self.batches += 1
+        outcomes = []
+        for args, kwargs in calls:
+            try:
+                outcomes.append(self.fn(*args, **kwargs))
+            except Exception as err:
+                outcomes.append(err)
+        return outcomes
+
+
+def test_call_many_answers_as_calls_one_by_one_would_from_one_batch_too():
+    def student(values, factor):
+        if factor == 0:
+            raise ZeroDivisionError("factor 0")
+        return values * factor
+
+    def in_place(values, factor):
+        values *= factor
+        return values
+    calls = [dict(x=np.arange(3.0), scale=2.0), dict(x=np.ones(2), scale=-1.0)]
+    batched = Batched(student)
+    for fn in (student, batched):
+        assert [r.tolist() for r in call_many("f", fn, calls)] == [[0.0, 2.0, 4.0], [-1.0, -1.0]]
+    assert batched.batches == 1
+    for fn in (in_place, Batched(in_place)):
+        with pytest.raises(CheckFailed, match="f: the function changed its argument x in place"):
+            call_many("f", fn, [dict(x=np.arange(3.0), scale=2.0)])
+    failing = [calls[0], dict(x=np.ones(2), scale=0), dict(x=np.ones(2), scale=0.5)]
+    for fn in (student, Batched(student)):
+        with pytest.raises(ZeroDivisionError, match="factor 0"):
+            call_many("f", fn, failing)
 
 
 def test_passed_prints_one_line(capsys):

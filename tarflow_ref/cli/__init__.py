@@ -11,7 +11,7 @@
              FID of samples or images against a statistics file; a statistics file of real
              images
     assignments release | grade
-             student versions of the course assignments; points of a student's notebook
+             student versions of the course assignments; reports and a class table of submissions
 
 Every bad value raises common.CommandError before any work; `main` prints it as one line on
 stderr and exits with code 2. Images leave the model in [-1, 1] (plus the training noise); like

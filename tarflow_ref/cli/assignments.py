@@ -1,14 +1,15 @@
-"""`assignments release | grade`: the student versions of the course assignments, and the points of
-a student's notebook (grading/course.py)."""
+"""`assignments release | grade`: the student versions of the course assignments (grading/course.py),
+and the reports and class table of students' notebooks (grading/gradebook.py)."""
+import os
 from pathlib import Path
 
-from .common import CommandError, Parser, at_least_one
+from .common import CommandError, Parser
 
 
 def add(commands):
     p = commands.add_parser("assignments", help="hand out and grade the course assignments (assignments/)",
-                            description="Student versions of the course assignments, and the points of a "
-                                        "student's notebook.")
+                            description="Student versions of the course assignments, and the grades of "
+                                        "students' notebooks.")
     actions = p.add_subparsers(dest="action", required=True, parser_class=Parser)
     source = Parser(add_help=False)
     source.add_argument("--source", type=Path, help="the instructor notebook(s): one .ipynb or a folder "
@@ -16,11 +17,23 @@ def add(commands):
     rel = actions.add_parser("release", parents=[source], help="write the student versions (solutions removed)")
     rel.add_argument("--out", type=Path, required=True, help="folder for the student notebooks")
     rel.add_argument("--force", action="store_true", help="replace student notebooks already in --out")
-    gr = actions.add_parser("grade", parents=[source], help="run students' notebooks and print their points",
-                            description="Runs each notebook with the instructor's grade cells (it executes the "
-                                        "student's code: use a sandbox) and prints a table of points.")
-    gr.add_argument("submissions", type=Path, nargs="+", help="student notebooks, named like the assignment's")
-    gr.add_argument("--timeout", type=int, default=300, help="seconds per cell (default: 300)")
+    gr = actions.add_parser("grade", parents=[source], help="grade students' notebooks: points per part and flags",
+                            description="Runs each notebook in a contained kernel (its own user id, no network, "
+                                        "limits) and its checks in the grader's process, and prints a report per "
+                                        "submission; --out also writes them and the class table (grades.csv).")
+    gr.add_argument("submissions", type=Path, nargs="+",
+                    help="student notebooks named like the assignment's, or folders of them (one folder per student)")
+    gr.add_argument("--timeout", type=int, default=300, help="seconds per cell and per check (default: 300)")
+    gr.add_argument("--out", type=Path, help="folder for the reports (reports/) and the class table (grades.csv)")
+    gr.add_argument("--force", action="store_true", help="replace reports and a table already in --out")
+    gr.add_argument("--resume", action="store_true",
+                    help="keep the reports in --out that are still valid, grade the rest")
+    gr.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="submissions graded at once (default: the number of cores)")
+    gr.add_argument("--allow-reference", action="store_true",
+                    help="flagged parts keep their points (the flags are still reported)")
+    gr.add_argument("--unsafe", action="store_true", help="grade even where the kernel cannot get fewer rights than "
+                    "the grader (not root): fit for grading your own notebook only")
     return {rel: run_release, gr: run_grade}
 
 
@@ -52,20 +65,11 @@ def run_release(args):
 
 
 def run_grade(args):
-    from ..grading.course import grade
+    from ..grading.gradebook import grade_command
 
     sources = instructor_notebooks(args)
-    for path in args.submissions:
-        if not path.is_file():
-            raise CommandError(f"{path}: no such notebook")
-        if path.name not in sources:
-            raise CommandError(f"{path}: no assignment named {path.name} (there are: {', '.join(sources)})")
-    at_least_one("--timeout", args.timeout)
-    for path in args.submissions:
-        try:
-            scores = grade(path, sources[path.name], timeout=args.timeout)
-        except ValueError as err:
-            raise CommandError(str(err)) from None
-        print(f"{path}: {sum(s.earned for s in scores):g} / {sum(s.possible for s in scores):g} points")
-        for s in scores:
-            print(f"  {s.grade_id:<24} {s.earned:g} / {s.possible:g}" + (f"   {s.reason}" if s.reason else ""))
+    try:
+        grade_command(args.submissions, sources, args.out, jobs=args.jobs, force=args.force, resume=args.resume,
+                      timeout=args.timeout, allow_reference=args.allow_reference, unsafe=args.unsafe)
+    except (ValueError, FileExistsError) as err:
+        raise CommandError(str(err)) from None

@@ -1,6 +1,6 @@
 """Checks for assignment 01: a stable softmax, masked causal attention, and decoding with a KV cache.
 
-Zhai et al. 2024, Sec. 2.2 (the causal transformer of a flow block); SPEC "One flow block", step 3;
+Zhai et al. 2024, Sec. 2.2 (the causal transformer of a flow block); book/checkpoints.md, "One flow block", step 3;
 book/attention.md and notebooks/02_causal_attention.ipynb teach it. All arrays are NumPy float64.
 
     softmax(s)_j = exp(s_j - max s) / sum_j' exp(s_j' - max s)            along the last axis
@@ -37,7 +37,7 @@ import math
 import numpy as np
 
 from ..attention import attention_weights, softmax as reference_softmax
-from .report import CheckFailed, as_array, call_unchanged, expect_close, hint, passed, same
+from .report import CheckFailed, as_array, call_many, call_unchanged, expect_close, hint, passed, same
 
 # An output "changed" when it moved by more than this; masked keys move it by exactly 0 (their
 # weight is exp(-inf) = 0), while the perturbations below move a visible key's output by 1e-2 or more.
@@ -91,9 +91,9 @@ def check_causal_attention(fn):
         v = rng.standard_normal((heads, start + n, e))
         name = f"causal_attention with H={heads}, n={n}, d={d}, e={e}, start={start}"
 
-        def call(q, k, v, name=name, start=start):
-            return call_unchanged(name, fn, q=q, k=k, v=v, start=start)
-        got = check_dependence(name, call, q, k, v, start,
+        def call_all(inputs, name=name, start=start):
+            return call_many(name, fn, [dict(q=q, k=k, v=v, start=start) for q, k, v in inputs])
+        got = check_dependence(name, call_all, q, k, v, start,
                                own="a query must see its own key (keep key j for j <= start + i, not j < start + i)",
                                earlier="query i sits at position start + i and must see every key 0..start+i"
                                        + ("; is `start` ignored?" if start else ""),
@@ -111,12 +111,13 @@ def check_decode(fn):
         q, k, v = rng.standard_normal((3, heads, tokens, d))
         name = f"decode with H={heads}, T={tokens}, d={d}"
 
-        def call(q, k, v, name=name):
-            return call_unchanged(name, fn, q=q, k=k, v=v)
-        first = as_array(name, call(q, k, v), q.shape)
+        def call_all(inputs, name=name):
+            return call_many(name, fn, [dict(q=q, k=k, v=v) for q, k, v in inputs])
+        first, second = call_all([(q, k, v), (q, k, v)])
+        first = as_array(name, first, q.shape)
         with hint("Create the cache inside decode, so that each call starts with an empty one"):
-            expect_close(f"{name}, called a second time on the same q, k, v", call(q, k, v), first)
-        check_dependence(name, call, q, k, v, 0,
+            expect_close(f"{name}, called a second time on the same q, k, v", second, first)
+        check_dependence(name, call_all, q, k, v, 0,
                          own="write token t's key and value into the cache BEFORE attending with q_t",
                          earlier="query t must attend to every cached key 0..t",
                          future="query t must attend only to the cached keys 0..t, never to later tokens")
@@ -139,31 +140,42 @@ def expect_attention(name, got, q, k, v, start):
         return expect_close(name, got, attention_weights(q[None], k[None], start)[0] @ v)
 
 
-def check_dependence(name, call, q, k, v, start, own, earlier, future):
+def check_dependence(name, call_all, q, k, v, start, own, earlier, future):
     """What each output may depend on, tested by changing one input at a time (no reference needed).
 
-    q: [H, n, d] at positions start..start+n-1, k, v: [H, start+n, .]; call(q, k, v) -> [H, n, e].
+    q: [H, n, d] at positions start..start+n-1, k, v: [H, start+n, .]; call_all([(q, k, v), ...]) ->
+    [H, n, e] for each (one batch: the inputs are drawn first, then all calls go at once).
     Changing key and value j must leave the queries at positions < j unchanged (else the hint
     `future`) and change every query at a position >= j (else `own` for the query at position j,
     `earlier` for later ones); changing query i, or head 0, must move nothing else.
-    Returns call(q, k, v) as an array.
+    Returns the output for (q, k, v) as an array.
     """
     rng = np.random.default_rng(3)
-    with hint("A NaN or inf often means a query's row of scores is all -inf (every key masked, "
-              "the query's own one too) or the softmax is not taken along the keys axis"):
-        base = as_array(name, call(q, k, v), q.shape[:2] + v.shape[2:])
     n = q.shape[1]
     positions = start + np.arange(n)                                                       # [n]
-
-    def moved(q2, k2, v2):
-        """[H, n]: whether each output moved when the inputs changed to q2, k2, v2."""
-        return np.abs(as_array(name, call(q2, k2, v2), base.shape) - base).max(-1) > MOVED
-
-    for j in range(start + n):
+    inputs = [(q, k, v)]
+    for j in range(start + n):                                                             # key/value j moved
         k2, v2 = k.copy(), v.copy()
         k2[:, j] += rng.standard_normal(k.shape[::2])
         v2[:, j] += rng.standard_normal(v.shape[::2])
-        change = moved(q, k2, v2).any(0)                                                   # [n]
+        inputs.append((q, k2, v2))
+    for i in range(n):                                                                     # query i moved
+        q2 = q.copy()
+        q2[:, i] += rng.standard_normal(q.shape[::2])
+        inputs.append((q2, k, v))
+    q2, k2, v2 = q.copy(), k.copy(), v.copy()                                              # head 0 moved
+    for x in (q2, k2, v2):
+        x[0] += rng.standard_normal(x.shape[1:])
+    inputs.append((q2, k2, v2))
+    with hint("A NaN or inf often means a query's row of scores is all -inf (every key masked, "
+              "the query's own one too) or the softmax is not taken along the keys axis"):
+        outputs = call_all(inputs)
+        base = as_array(name, outputs[0], q.shape[:2] + v.shape[2:])
+    # [H, n] per moved input: whether each output moved
+    moved = iter(np.abs(as_array(name, out, base.shape) - base).max(-1) > MOVED for out in outputs[1:])
+
+    for j in range(start + n):
+        change = next(moved).any(0)                                                        # [n]
         for i in np.flatnonzero(change & (positions < j)):
             raise CheckFailed(f"{name}: the output at query {i} (position {positions[i]}) changed when only "
                               f"key/value {j} (a future position) changed: {future}")
@@ -172,17 +184,11 @@ def check_dependence(name, call, q, k, v, start, own, earlier, future):
             raise CheckFailed(f"{name}: the output at query {i} (position {positions[i]}) did not change when "
                               f"key/value {j} ({where}) changed: {advice}")
     for i in range(n):
-        q2 = q.copy()
-        q2[:, i] += rng.standard_normal(q.shape[::2])
-        for other in np.flatnonzero(moved(q2, k, v).any(0) & (np.arange(n) != i)):
+        for other in np.flatnonzero(next(moved).any(0) & (np.arange(n) != i)):
             raise CheckFailed(f"{name}: the output at query {other} changed when only query {i} changed: "
                               "each query's weights are a softmax of its own scores along the keys "
                               "(the last axis), not along the queries")
-    q2, k2, v2 = q.copy(), k.copy(), v.copy()
-    for x in (q2, k2, v2):
-        x[0] += rng.standard_normal(x.shape[1:])
-    if moved(q2, k2, v2)[1:].any():
+    if next(moved)[1:].any():
         raise CheckFailed(f"{name}: the output of head 1 changed when only head 0's q, k, v changed: heads are "
                           "independent (the softmax runs along the keys, never across heads)")
     return base
-

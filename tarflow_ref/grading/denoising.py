@@ -1,6 +1,6 @@
 """Checks for assignment 06: score denoising with Tweedie's formula.
 
-Zhai et al. 2024, Sec. 2.5; SPEC "Score denoising"; book/denoising.md and
+Zhai et al. 2024, Sec. 2.5; book/checkpoints.md, "Score denoising"; book/denoising.md and
 notebooks/07_score_denoising.ipynb teach it. The package's step is tarflow_ref/denoising.py (NumPy),
 the score of a whole TarFlow tarflow_ref/backward.py (grad_log_prob). All arrays are NumPy float64.
 

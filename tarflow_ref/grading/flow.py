@@ -1,8 +1,9 @@
 """Checks for assignment 02: the affine autoregressive flow block, its log-determinant and inverse.
 
-Zhai et al. 2024, Sec. 2.1-2.2; SPEC "One flow block" and "Inverse"; book/flow.md and
-book/likelihood.md, notebooks/03_affine_flow.ipynb and 04_logdet.ipynb teach it. All arrays are
-NumPy float64, in the block's token order. f is a causal conditioner (problems.toy_conditioner):
+Zhai et al. 2024, Sec. 2.1-2.2; book/checkpoints.md, "One flow block" and "Inverse, guidance and
+sampling"; book/flow.md and book/likelihood.md, notebooks/03_affine_flow.ipynb and 04_logdet.ipynb
+teach it. All arrays are NumPy float64, in the block's token order. f is a causal conditioner
+(problems.toy_conditioner):
 f(u: [B, n, D]) -> (a, m): [B, n, D], whose output at position t sees u_0..u_t only.
 
     shift(o):           o: [B, T, D] -> o',  o'_0 = 0,  o'_t = o_{t-1}
@@ -150,7 +151,7 @@ def check_jacobian(name, fn, u, f, logdet, logdet_ref):
     _, log_abs_det = np.linalg.slogdet(jac)
     want = log_abs_det / (tokens * dim)
     if same(logdet, tokens * dim * logdet_ref):
-        advice = "logdet is T D times too large: the SPEC's logdet is a MEAN over the T D values, not a sum"
+        advice = "logdet is T D times too large: the released logdet is a MEAN over the T D values, not a sum"
     elif same(logdet, -logdet_ref):
         advice = "logdet has the wrong sign: dz_t/du_t = exp(-a_t), so logdet = -mean(a)"
     elif same(logdet, logdet_ref):

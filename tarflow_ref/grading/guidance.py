@@ -1,5 +1,6 @@
 """Checks of assignment 05: classifier-free guidance in the sequential inverse of a flow block
-(Zhai et al. 2024, Sec. 2.6; SPEC, "Inverse"; book/guidance.md; notebooks/06_sampling_and_guidance).
+(Zhai et al. 2024, Sec. 2.6; book/checkpoints.md, "Inverse, guidance and sampling"; book/guidance.md;
+notebooks/06_sampling_and_guidance).
 
 A conditional block has two causal conditioners (grading.problems.toy_branches), in the block's
 token order: f_cond (label y_i for sample i) and f_uncond (mean class embedding, attention

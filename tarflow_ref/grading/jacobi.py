@@ -1,5 +1,5 @@
 """Checks of assignment 03: Jacobi and GS-Jacobi inversion of one flow block (Liu & Qin 2025,
-Sec. 3-4; book/jacobi.md; notebooks/08_jacobi.ipynb; SPEC, "Jacobi and GS-Jacobi inversion").
+Sec. 3-4; book/jacobi.md; notebooks/08_jacobi.ipynb; book/checkpoints.md, "GS-Jacobi strategies").
 
 In the block's token order, with z: [B, T, D] the block's output and (a, m) = f(x): [B, T, D] the
 raw conditioner output (position t is computed from x_0..x_t and parametrises token t + 1):
@@ -41,7 +41,7 @@ from ..flow import block_inverse, conditioner, shift
 from ..jacobi import affine_step, block_inverse_gsj
 from ..strategy import BlockPlan
 from .problems import TOY, toy_conditioner, toy_noise
-from .report import CheckFailed, as_array, call_unchanged, expect_close, first_wrong_token, hint, passed
+from .report import CheckFailed, as_array, call_many, expect_close, first_wrong_token, hint, passed
 
 # (conditioner seed, noise seed, B, T): the exact inverse and every Jacobi / GS-Jacobi iterate of
 # these stay below 5 in size, so a student's solver needs no guard against overflow
@@ -71,11 +71,6 @@ def _off_by(got, want, t):
     return f"{np.abs(got[:, t] - want[:, t]).max():.3g}"
 
 
-def _call(label, fn, shape, **args):
-    """fn(*args) as a finite array of `shape`, or CheckFailed (also when fn wrote into an argument)."""
-    return as_array(label, call_unchanged(label, fn, **args), shape)
-
-
 def _expect(label, got, want, advice):
     """expect_close with advice in the student's terms appended to its message."""
     with hint(advice):
@@ -88,16 +83,20 @@ def check_jacobi_update(jacobi_update):
         f, pb, z = _problem(seed, noise_seed, B, T)
         x = np.random.default_rng(100 + n).standard_normal(z.shape)    # an iterate unlike z
         label = f"jacobi_update(x, z, f) on B={B}, T={T}"
-        F = _call(label, jacobi_update, z.shape, x=x, z=z, f=f)
+        j = T // 2                                  # move one token; F_0..F_j must not notice
+        moved = x.copy()
+        moved[:, j] += 1.0
+        exact = block_inverse(pb, z, None, TOY)
+        at_exact = f"jacobi_update(x*, z, f) at the exact inverse x*, B={B}, T={T}"
+        F, F_moved, F_exact = call_many(label, jacobi_update, [dict(x=x, z=z, f=f), dict(x=moved, z=z, f=f),
+                                                               dict(x=exact, z=z, f=f)])
+        F = as_array(label, F, z.shape)
         if first_wrong_token(F[:, :1], z[:, :1]) == 0:
             kept_x = " (it is x_0)" if first_wrong_token(F[:, :1], x[:, :1]) == 1 else ""
             raise CheckFailed(f"{label}: token 0 must pass unchanged, F(x)_0 = z_0, but it is off by "
                               f"{_off_by(F, z, 0)}{kept_x}")
 
-        j = T // 2                                  # move one token; F_0..F_j must not notice
-        moved = x.copy()
-        moved[:, j] += 1.0
-        F_moved = _call(label, jacobi_update, z.shape, x=moved, z=z, f=f)
+        F_moved = as_array(label, F_moved, z.shape)
         t = first_wrong_token(F_moved[:, :j + 1], F[:, :j + 1])
         if t <= j:
             later = "" if t == j else " (a later token)"
@@ -106,9 +105,7 @@ def check_jacobi_update(jacobi_update):
                               f"output of f at position t (the shift by one token: a[:, t], not a[:, t + 1]), "
                               f"and z_(t+1), not x_(t+1)")
 
-        exact = block_inverse(pb, z, None, TOY)
-        at_exact = f"jacobi_update(x*, z, f) at the exact inverse x*, B={B}, T={T}"
-        _expect(at_exact, _call(at_exact, jacobi_update, z.shape, x=exact, z=z, f=f), exact,
+        _expect(at_exact, as_array(at_exact, F_exact, z.shape), exact,
                 "the exact inverse must be a fixed point, F(x*) = x*: F(x)_(t+1) = z_(t+1) exp(a_t) + m_t with "
                 "(a, m) = f(x) of the given x, times exp(+a_t) (exp(-a) is the forward direction)")
 
@@ -125,9 +122,13 @@ def check_jacobi_inverse(jacobi_inverse):
     for seed, noise_seed, B, T in PROBLEMS:
         f, pb, z = _problem(seed, noise_seed, B, T)
         exact = block_inverse(pb, z, None, TOY)
-        for k in (1, 2, 5, T - 1):
+        counts = (1, 2, 5, T - 1)
+        # one batch; an argument changed in place shows at the first call, so it carries that call's name
+        results = call_many(f"jacobi_inverse(z, f, {counts[0]}) on B={B}, T={T}", jacobi_inverse,
+                            [dict(z=z, f=f, iterations=k) for k in counts])
+        for k, x in zip(counts, results):
             label = f"jacobi_inverse(z, f, {k}) on B={B}, T={T}"
-            x = _call(label, jacobi_inverse, z.shape, z=z, f=f, iterations=k)
+            x = as_array(label, x, z.shape)
             n = first_wrong_token(x, exact)
             if n < k + 1:
                 advice = (f"it equals {_count(k - 1, 'iteration')}: the loop runs one iteration too few"
@@ -173,9 +174,13 @@ def check_gs_jacobi_inverse(gs_jacobi_inverse):
     for seed, noise_seed, B, T in PROBLEMS:
         f, pb, z = _problem(seed, noise_seed, B, T)
         exact = block_inverse(pb, z, None, TOY)
-        for G, J in ((T, 1), (T, 3)) + SPLITS[T]:
+        splits = ((T, 1), (T, 3)) + SPLITS[T]
+        results = call_many(f"gs_jacobi_inverse(z, f, modules={splits[0][0]}, iterations={splits[0][1]}) on B={B}, "
+                            f"T={T}", gs_jacobi_inverse,
+                            [dict(z=z, f=f, modules=G, iterations=J) for G, J in splits])
+        for (G, J), x in zip(splits, results):
             label = f"gs_jacobi_inverse(z, f, modules={G}, iterations={J}) on B={B}, T={T}"
-            x = _call(label, gs_jacobi_inverse, z.shape, z=z, f=f, modules=G, iterations=J)
+            x = as_array(label, x, z.shape)
             if G == T:                  # one token per module: the sequential sampler, whatever J
                 want, what = exact, "the exact inverse (one token per module is the sequential sampler)"
             else:

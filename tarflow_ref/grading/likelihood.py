@@ -1,9 +1,9 @@
 """Checks of assignment 04: uniform dequantisation, the likelihood per dimension and bits per dimension
-(Zhai et al. 2024, Sec. 2.1; SPEC, "Whole model" and "Bits per dimension"; book/likelihood.md and
+(Zhai et al. 2024, Sec. 2.1; book/checkpoints.md, "Bits per dimension"; book/likelihood.md and
 notebooks/04_logdet.ipynb teach it; the reference is tarflow_ref/logdet.py).
 
-The student's functions (NumPy, float64), with N = T D values per sample and the SPEC's logdet
-already a MEAN over those N values:
+The student's functions (NumPy, float64), with N = T D values per sample and the released models'
+logdet already a MEAN over those N values:
 
     dequantize(x_int, rng):   x_int: any shape, integers 0..255 -> x = ((x_int + u) / 256) * 2 - 1,
                               u = rng.uniform(size=x_int.shape) drawn in one call; same shape

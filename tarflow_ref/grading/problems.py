@@ -6,7 +6,8 @@ A problem is a causal conditioner f in the block's token order (tarflow_ref/flow
     f(u: [B, n, D]) -> (a, m): [B, n, D],   a_t, m_t depend on u_0..u_t only (position t),
 
 the raw transformer output before the shift, exactly what flow.conditioner computes. A conditional
-block gives two such conditioners, the branches of classifier-free guidance (SPEC, "Inverse"):
+block gives two such conditioners, the branches of classifier-free guidance (book/checkpoints.md,
+"Inverse, guidance and sampling"):
 f_cond with the class embedding of label y_i for sample i, f_uncond with the mean class embedding
 and the attention temperature tau_u.
 """
