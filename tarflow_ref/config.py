@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .validation import check_integer, check_real
+
 RELEASED_FILES = {
     # file name: (image size, classes) -- the two facts the file name does not carry
     "afhq_model_8_768_8_8_0.07.pth": (256, 3),
@@ -49,6 +51,8 @@ class TarFlowConfig:
     noise_std: float | None = None
 
     def __post_init__(self):
+        for name in ("image_size", "patch_size", "channels", "width", "blocks", "layers", "num_classes", "head_dim"):
+            check_integer(name, getattr(self, name), error=ConfigError)
         for name in ("image_size", "patch_size", "channels", "width", "blocks", "layers", "head_dim"):
             if getattr(self, name) < 1:  # first: the divisibility checks below divide by two of them
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -58,6 +62,8 @@ class TarFlowConfig:
             raise ConfigError(f"width {self.width} is not divisible by head width {self.head_dim}")
         if self.num_classes < 0:
             raise ConfigError(f"num_classes must be >= 0, got {self.num_classes}")
+        if self.noise_std is not None:
+            check_real("noise_std (sigma of the training noise)", self.noise_std, at_least=0, error=ConfigError)
 
     @property
     def tokens(self) -> int:

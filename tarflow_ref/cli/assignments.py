@@ -2,7 +2,7 @@
 a student's notebook (grading/course.py)."""
 from pathlib import Path
 
-from .common import CommandError, Parser, at_least_one
+from .common import CommandError, Parser, count
 
 
 def add(commands):
@@ -20,7 +20,7 @@ def add(commands):
                             description="Runs each notebook with the instructor's grade cells (it executes the "
                                         "student's code: use a sandbox) and prints a table of points.")
     gr.add_argument("submissions", type=Path, nargs="+", help="student notebooks, named like the assignment's")
-    gr.add_argument("--timeout", type=int, default=300, help="seconds per cell (default: 300)")
+    gr.add_argument("--timeout", type=count, default=300, help="seconds per cell (default: 300)")
     return {rel: run_release, gr: run_grade}
 
 
@@ -60,7 +60,6 @@ def run_grade(args):
             raise CommandError(f"{path}: no such notebook")
         if path.name not in sources:
             raise CommandError(f"{path}: no assignment named {path.name} (there are: {', '.join(sources)})")
-    at_least_one("--timeout", args.timeout)
     for path in args.submissions:
         try:
             scores = grade(path, sources[path.name], timeout=args.timeout)
