@@ -295,7 +295,7 @@ def check_out(path: Path, force: bool, suffix=".png"):
 def write_outputs(writers: dict, force: bool):
     """Write the outputs {path: write(partial path)} as one group (io/files.written_together):
     atomically, all or none, never replacing a file without --force, even one that another run
-    wrote while this one worked."""
+    wrote while this one worked. A failed write (a full disk) is one line; no output changed."""
     from ..io.files import OutputExists, written_together
 
     try:
@@ -304,6 +304,9 @@ def write_outputs(writers: dict, force: bool):
                 write(partial)
     except OutputExists as err:
         raise CommandError(f"{err}: pass --force to replace it") from None
+    except OSError as err:
+        raise CommandError(f"cannot write {', '.join(map(str, writers))} ({err.strerror or err}); nothing was "
+                           "written and existing files are unchanged") from None
 
 
 def check_memory(needs: dict, device: str = "cpu", device_needs: dict | None = None, hint: str = ""):

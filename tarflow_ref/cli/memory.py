@@ -8,7 +8,8 @@ passes may still need somewhat more (Python objects, small temporaries, the acti
 batch when no gradient is kept).
 
     images       the drawn images in float32, three copies at the peak: the batches, their
-                 concatenation and the [0, 1] copy (common.draw_images, to_unit_range)
+                 concatenation and the [0, 1] copy (common.draw_images, to_unit_range); the
+                 labels and the noise are smaller than one copy
     PNG grid     the framed cells as a float64 canvas, two float64 copies of it on the way to
                  8 bits and the 8-bit pixels (common.save_grid), then the enlarged picture as
                  PIL holds it (1 byte per pixel grey, 4 RGB)
@@ -118,8 +119,8 @@ def shortfall(needs: dict, available: int | None) -> str | None:
 
 
 def size_text(n: int) -> str:
-    """Bytes for people: '512 B', '3.2 MB', '246 GB', '1.2 PB'."""
+    """Bytes for people: '512 B', '3.2 MB', '15 kB', '246 GB', '1200 PB'."""
     for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
         if n < 1000 or unit == "PB":
-            return f"{n:.0f} {unit}" if unit == "B" or n >= 100 else f"{n:.1f} {unit}"
+            return f"{n:.0f} {unit}" if unit == "B" or n >= 10 else f"{n:.1f} {unit}"
         n /= 1000

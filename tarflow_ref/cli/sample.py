@@ -48,12 +48,12 @@ def run(args):
     guidance = drawing_guidance(args)
     model = load_model(args)
     cfg = model.config
-    labels = labels_for(args, cfg)
     denoise = denoiser(args, cfg)
     cycle = len(args.classes or range(cfg.num_classes))           # 0 for an unconditional model
     cols = min(args.cols or (cycle if 0 < cycle <= 16 else math.ceil(math.sqrt(args.n))), args.n)
     scale = default_scale(args, cfg)
     check_drawing_memory(args, cfg, args.n, cols, scale, guidance)
+    labels = labels_for(args, cfg)
     sampler = make_sampler(args, model, guidance)
     images = to_unit_range(draw_images(model, args, labels, sampler, denoise)).numpy()
     writers = {args.out: lambda path: save_grid(images, path, cols, scale)}

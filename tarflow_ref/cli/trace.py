@@ -35,11 +35,11 @@ def run(args):
     guidance = drawing_guidance(args)
     model = load_model(args)
     cfg = model.config
-    labels = labels_for(args, cfg)
     denoise = denoiser(args, cfg)
     per_row = cfg.blocks + (2 if denoise is not None else 1)
     scale = default_scale(args, cfg)
     check_drawing_memory(args, cfg, args.n * per_row, per_row, scale, guidance, batch=args.n)
+    labels = labels_for(args, cfg)
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(args.n, cfg.tokens, cfg.token_dim, generator=gen).to(args.device)
     y = None if labels is None else labels.to(args.device)
