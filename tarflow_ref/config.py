@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .registry import RELEASED_FILES
+from .validation import check_integer, check_real
 
 _NAME = re.compile(r"^(?P<dataset>.+)_model_(?P<P>\d+)_(?P<C>\d+)_(?P<N>\d+)_(?P<L>\d+)_(?P<sigma>\d+\.\d+)\.pth$")
 
@@ -43,6 +44,8 @@ class TarFlowConfig:
     noise_std: float | None = None
 
     def __post_init__(self):
+        for name in ("image_size", "patch_size", "channels", "width", "blocks", "layers", "num_classes", "head_dim"):
+            check_integer(name, getattr(self, name), error=ConfigError)
         for name in ("image_size", "patch_size", "channels", "width", "blocks", "layers", "head_dim"):
             if getattr(self, name) < 1:  # first: the divisibility checks below divide by two of them
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -52,6 +55,8 @@ class TarFlowConfig:
             raise ConfigError(f"width {self.width} is not divisible by head width {self.head_dim}")
         if self.num_classes < 0:
             raise ConfigError(f"num_classes must be >= 0, got {self.num_classes}")
+        if self.noise_std is not None:
+            check_real("noise_std (sigma of the training noise)", self.noise_std, at_least=0, error=ConfigError)
 
     @property
     def tokens(self) -> int:

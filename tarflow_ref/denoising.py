@@ -20,7 +20,7 @@ the batch into chunks gives the same result (torch_backend/denoising.py relies o
 Shapes: x: [B, c, S, S] images, y: [B] labels (< 0 or None: the mean class embedding).
 """
 from .backward import grad_log_prob
-from .validation import check_factor, noise_sigma
+from .validation import check_factor, check_finite_params, noise_sigma
 
 
 def step_size(cfg, batch: int, sigma: float, factor: float = 1.0) -> float:
@@ -34,4 +34,5 @@ def denoise(params, cfg, x, y=None, factor=1.0, sigma=None):
     sigma defaults to cfg.noise_std (a ValueError if the model has none and none is given).
     """
     sigma, factor = noise_sigma(cfg, sigma), check_factor(factor)
+    check_finite_params(params, "used to denoise")
     return x + factor * sigma ** 2 * grad_log_prob(params, cfg, x, y)

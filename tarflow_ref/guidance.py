@@ -14,6 +14,8 @@ only by tau_u. The arithmetic here is plain operators, so NumPy arrays and torch
 """
 from dataclasses import dataclass
 
+from .validation import check_real, type_name
+
 
 @dataclass(frozen=True)
 class Guidance:
@@ -23,12 +25,13 @@ class Guidance:
     temperature: float = 1.0     # tau_u, the attention temperature of the unconditional branch
 
     def __post_init__(self):
-        if self.weight < 0:
-            raise ValueError(f"guidance weight must be >= 0, got {self.weight}")
-        if not set(self.what) <= {"a", "b"}:
-            raise ValueError(f"guide what must use only 'a' (log-scale) and 'b' (shift), got '{self.what}'")
-        if self.temperature <= 0:
-            raise ValueError(f"attention temperature must be > 0, got {self.temperature}")
+        # a nan weight would fail `weight > 0` and turn guidance off without a word; an empty `what` too
+        check_real("guidance weight", self.weight, at_least=0)
+        if not (isinstance(self.what, str) and self.what and set(self.what) <= {"a", "b"}):
+            raise ValueError(f"guide what must be 'a' (log-scale), 'b' (shift) or 'ab', got {self.what!r}")
+        if self.annealed not in (True, False):
+            raise ValueError(f"annealed must be True or False, got {self.annealed!r}")
+        check_real("attention temperature", self.temperature, above=0)
 
     @property
     def active(self) -> bool:
@@ -37,6 +40,13 @@ class Guidance:
     def weight_at(self, t, tokens: int):
         """g at decoding position t (an int, or an array of positions), T = tokens."""
         return self.weight * (t + 1) / (tokens - 1) if self.annealed else self.weight
+
+
+def check_guidance(guidance):
+    """ValueError unless guidance is a Guidance or None (a bare weight would fail deep inside a sampler)."""
+    if guidance is not None and not isinstance(guidance, Guidance):
+        raise ValueError(f"guidance must be a Guidance (or None), got {type_name(type(guidance))} {guidance!r}: "
+                         f"pass Guidance(weight=...)")
 
 
 def branches(guidance: Guidance | None) -> int:

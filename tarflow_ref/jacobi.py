@@ -22,7 +22,7 @@ finishing passes, traces): torch_backend/jacobi.py.
 import numpy as np
 
 from .flow import Block, blocks, branch_caches, guided_conditioner, permute
-from .guidance import Guidance
+from .guidance import Guidance, check_guidance
 from .strategy import BlockPlan
 from .strategy_text import as_strategy
 from .validation import check_labels, check_tokens
@@ -91,6 +91,7 @@ def inverse_gsj(params, cfg, z, y=None, guidance: Guidance | None = None, *, str
     strategy = as_strategy(strategy, cfg)
     check_tokens(z, cfg)
     check_labels(y, cfg.num_classes, len(z))
+    check_guidance(guidance)
     for b, blk in reversed(list(enumerate(blocks(params, cfg)))):
         z = block_inverse_gsj(blk, z, y, cfg, strategy.block_plan(b, cfg), guidance)
     return z

@@ -11,9 +11,9 @@ shapes" and "Inverse, guidance and sampling").
 import numpy as np
 
 from .flow import block_forward, block_inverse, blocks
-from .guidance import Guidance
+from .guidance import Guidance, check_guidance
 from .patchify import patchify, unpatchify
-from .validation import check_image, check_labels, check_tokens
+from .validation import check_finite_params, check_image, check_labels, check_tokens
 
 
 def forward(params, cfg, x, y=None):
@@ -32,6 +32,7 @@ def inverse(params, cfg, z, y=None, guidance: Guidance | None = None):
     """Tokens z: [B, T, D] -> data tokens [B, T, D], blocks in reverse order, each token by token."""
     check_tokens(z, cfg)
     check_labels(y, cfg.num_classes, len(z))
+    check_guidance(guidance)
     for blk in reversed(blocks(params, cfg)):
         z = block_inverse(blk, z, y, cfg, guidance)
     return z
@@ -41,8 +42,11 @@ def sample(params, cfg, noise, y=None, guidance: Guidance | None = None, *, samp
     """Noise: [B, T, D] ~ N(0, I) -> image [B, c, S, S] (before denoising and clipping).
 
     sampler(params, cfg, z, y, guidance) inverts the blocks: `inverse` (sequential, the default)
-    or jacobi.gs_jacobi(strategy).
+    or jacobi.gs_jacobi(strategy). Weights that hold NaN or infinity are refused.
     """
-    check_tokens(noise, cfg)
+    check_tokens(noise, cfg, name="noise")
+    check_labels(y, cfg.num_classes, len(noise))
+    check_guidance(guidance)
+    check_finite_params(params)
     tokens = sampler(params, cfg, noise * np.sqrt(params["var"]), y, guidance)
     return unpatchify(tokens, cfg.patch_size, cfg.channels)

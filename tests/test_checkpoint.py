@@ -22,11 +22,10 @@ from tarflow_ref.io.checkpoint import (
     config_from_state_dict,
     model_metadata,
     read_metadata,
-    remove_partials,
     save_model,
     write_state_dict,
-    written_atomically,
 )
+from tarflow_ref.io.files import remove_partials, written_atomically
 
 from conftest import SMALL_CONFIGS, make_model
 
@@ -296,14 +295,16 @@ def plain_copy(model, tmp_path):
     ({"step": 3}, "has no configuration"),
     ({"config": "nonsense"}, "has no configuration"),
     ("changed-classes", r"describes another model than its weights \(num_classes 7 vs 4\)"),
-    ("bad-sigma", r"holds sigma -1.0, not a finite number >= 0"),
+    ("bad-sigma", r"describes no TarFlow: noise_std \(sigma of the training noise\) must be a finite number >= 0, "
+                  r"got -1.0"),
 ])
 def test_a_metadata_record_that_does_not_fit_is_refused(saved, tmp_path, record, message):
     _, cfg, state = saved
     if record == "changed-classes":
         record = model_metadata(cfg.replace(num_classes=7))
     elif record == "bad-sigma":
-        record = model_metadata(cfg.replace(noise_std=-1.0))
+        record = model_metadata(cfg)                  # by hand: TarFlowConfig itself refuses sigma -1
+        record["config"]["noise_std"] = -1.0
     path = tmp_path / "weights.pth"
     write_state_dict(state, path, record)
     with pytest.raises(CheckpointError, match=message):

@@ -65,7 +65,7 @@ def test_sample_cycles_the_given_classes_and_is_seeded(tmp_path):
     noise = torch.randn(4, 64, 1, generator=torch.Generator().manual_seed(5))
     direct = sample(load_checkpoint(bundled_checkpoint()), noise, torch.tensor([3, 7, 3, 7]))
     np.testing.assert_allclose(a, ((direct.clamp(-1, 1) + 1) / 2).numpy(), atol=1e-6)
-    other_seed = [("6" if a_ == "5" else a_) for a_ in args]
+    other_seed = [("6" if a_ == "5" else a_) for a_ in args] + ["--force"]      # replacing a.png, a.npy
     main(other_seed)
     assert not np.array_equal(np.load(tmp_path / "a.npy"), b)
 
@@ -124,28 +124,28 @@ def unconditional_ckpt(tmp_path):
 
 
 BAD_INPUT = [
-    (["sample", "--n", "-3"], "--n must be at least 1, got -3"),
+    (["sample", "--n", "-3"], "argument --n: must be at least 1, got -3"),
     (["sample", "--class", "12"], "unknown class 12: this model has classes 0..9"),
     (["sample", "--class", "x"], "argument --class: invalid int value: 'x'"),
     (["sample", "--ckpt", "missing.pth"], "checkpoint missing.pth does not exist"),
     (["sample", "--bf16"], "bfloat16 autocast (--bf16) needs --device cuda"),
     (["sample", "--device", "tpu"], "device must be 'cpu' or 'cuda', got 'tpu'"),
-    (["sample", "--cfg", "-1"], "guidance weight must be >= 0, got -1.0"),
-    (["sample", "--attn-temp", "0"], "attention temperature must be > 0, got 0.0"),
+    (["sample", "--cfg", "-1"], "guidance weight must be a finite number >= 0, got -1.0"),
+    (["sample", "--attn-temp", "0"], "attention temperature must be a finite number > 0, got 0.0"),
     (["sample", "--guide-what", "c"], "argument --guide-what: invalid choice: 'c'"),
-    (["sample", "--denoise-factor", "-0.5"], "--denoise-factor must be >= 0, got -0.5"),
+    (["sample", "--denoise-factor", "-0.5"], "argument --denoise-factor: must be a finite number >= 0, got -0.5"),
     (["sample", "--strategy", "[0-4-8-2]"], "--strategy needs --sampler gsj"),
     (["sample", "--sampler", "gsj", "--strategy", "nonsense"], "--strategy: unknown strategy preset 'nonsense'"),
     (["sample", "--out", "samples.jpg"], "samples.jpg: the output must be a .png file"),
     (["sample", "--out", "nowhere/samples.png"], "nowhere: no such folder for the output"),
-    (["trace", "--threads", "0"], "--threads must be at least 1, got 0"),
+    (["trace", "--threads", "0"], "argument --threads: must be in 1.."),
     (["train", "--width", "96"], "width must be a multiple of 64"),
     (["train", "--patch", "3"], "image size 8 is not divisible by patch size 3"),
     (["train", "--data", "no_such_folder"], "--data no_such_folder: neither 'digits' nor an existing folder"),
     (["train", "--resume"], "cannot resume: digits_model_1_64_4_1_0.10.resume.pt does not exist"),
     (["train", "--resume", "--force"], "argument --force: not allowed with argument --resume"),
     (["bpd", "--split", "valid"], "argument --split: invalid choice: 'valid'"),
-    (["bpd", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["bpd", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ]
 

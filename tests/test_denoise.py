@@ -141,7 +141,7 @@ def test_clear_errors(small, rng):
         denoise(model, torch.tensor(x), factor=float("nan"), sigma=0.1)
     with pytest.raises(ValueError, match="needs a float32 model"):
         denoise(model, torch.tensor(x), sigma=0.1, bf16=True)
-    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+    with pytest.raises(ValueError, match=r"chunk_size must be an integer >= 1 \(None: the whole batch\), got 0"):
         denoise(model, torch.tensor(x), sigma=0.1, chunk_size=0)
     with pytest.raises(ValueError, match="expected images"):
         denoise(model, torch.tensor(x[:, :, 1:]), sigma=0.1)

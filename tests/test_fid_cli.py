@@ -111,7 +111,7 @@ def test_fid_stats_of_a_folder(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["fid", "--stop-after", "1"], "--stop-after needs --state (where the stopped run is saved)"),
-    (["fid", "--save-every", "0"], "--save-every must be at least 1, got 0"),
+    (["fid", "--save-every", "0"], "--save-every: must be at least 1, got 0"),
     (["fid", "--images", "x.npy", "--ckpt", "y.pth"], "--images and --ckpt exclude each other"),
     (["fid", "--published"], "--published: no published setting for this checkpoint (published: afhq256, "),
     (["fid", "--ckpt", "afhq256", "--published", "--cfg", "2"],

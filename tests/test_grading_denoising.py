@@ -41,7 +41,7 @@ def package_tweedie(x, score, sigma):
     """tarflow_ref.denoising.denoise with its score replaced by the given function (factor 1)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(package, "grad_log_prob", lambda params, cfg, v, y: score(v))
-        return package.denoise(None, None, x, None, 1.0, sigma)
+        return package.denoise({}, None, x, None, 1.0, sigma)            # no weights: the score is replaced
 
 
 def package_step_size(batch, image_size, channels, sigma, factor):

@@ -348,7 +348,7 @@ def test_bad_strategies_fail_before_any_work(monkeypatch, strategy, message):
 def test_bad_inputs_fail_clearly():
     cfg, model, params, z, (y, ty) = setup("cond-even-P2")
     strategy = Strategy.uniform(cfg.blocks, 2, 3)
-    with pytest.raises(ValueError, match=r"expected z of shape \[B, 16, 12\]"):
+    with pytest.raises(ValueError, match=r"expected noise of shape \[B, 16, 12\]"):
         tj.sample_gsj(model, torch.zeros(2, 15, 12, dtype=torch.float64), None, strategy)
     with pytest.raises(ValueError, match="labels must be < 4"):
         tj.sample_gsj(model, torch.from_numpy(z), torch.tensor([4, 0, 0]), strategy)

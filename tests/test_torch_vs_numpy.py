@@ -161,7 +161,7 @@ def test_label_for_an_unconditional_model():
 
 def test_wrong_z_shape_for_sampling(cond):
     cfg, model, params = cond
-    message = r"expected z of shape \[B, 16, 12\] \(T tokens, D values\), got \(2, 16, 13\)"
+    message = r"expected noise of shape \[B, 16, 12\] \(T tokens, D values\), got \(2, 16, 13\)"
     with pytest.raises(ValueError, match=message):
         np_model.sample(params, cfg, np.zeros((2, 16, 13)))
     with pytest.raises(ValueError, match=message):

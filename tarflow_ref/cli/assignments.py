@@ -3,7 +3,7 @@ and the reports and class table of students' notebooks (grading/gradebook.py).""
 import os
 from pathlib import Path
 
-from .common import CommandError, Parser
+from .common import CommandError, Parser, count
 
 
 def add(commands):
@@ -23,12 +23,12 @@ def add(commands):
                                         "submission; --out also writes them and the class table (grades.csv).")
     gr.add_argument("submissions", type=Path, nargs="+",
                     help="student notebooks named like the assignment's, or folders of them (one folder per student)")
-    gr.add_argument("--timeout", type=int, default=300, help="seconds per cell and per check (default: 300)")
+    gr.add_argument("--timeout", type=count, default=300, help="seconds per cell and per check (default: 300)")
     gr.add_argument("--out", type=Path, help="folder for the reports (reports/) and the class table (grades.csv)")
     gr.add_argument("--force", action="store_true", help="replace reports and a table already in --out")
     gr.add_argument("--resume", action="store_true",
                     help="keep the reports in --out that are still valid, grade the rest")
-    gr.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+    gr.add_argument("--jobs", type=count, default=os.cpu_count() or 1,
                     help="submissions graded at once (default: the number of cores)")
     gr.add_argument("--allow-reference", action="store_true",
                     help="flagged parts keep their points (the flags are still reported)")

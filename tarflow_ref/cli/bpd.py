@@ -1,5 +1,5 @@
 """`bpd`: bits per dimension of a checkpoint on the digits or an image folder (logdet.py)."""
-from .common import CommandError, at_least_one, check_data, load_model, progress
+from .common import CommandError, check_data, count, load_model, progress
 
 
 def add(commands, parents):
@@ -12,7 +12,7 @@ def add(commands, parents):
                    help="digits split (default: test, the 360 held-out images)")
     p.add_argument("--unlabelled", action="store_true",
                    help="score a conditional model without labels (mean class embedding)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
+    p.add_argument("--batch-size", type=count, default=256, help="images per forward pass (default: 256)")
     return p
 
 
@@ -20,7 +20,6 @@ def run(args):
     from ..training.data import load_digits_split, load_image_folder
     from ..training.train import evaluate_bpd
 
-    at_least_one("--batch-size", args.batch_size)
     check_data(args)
     model = load_model(args)
     cfg = model.config

@@ -1,5 +1,25 @@
-"""What the commands share: the one error type, the argument parser, the model and drawing flags,
-loading the model and labels, drawing in batches and writing the PNG grid."""
+"""What the commands share: the one error type, the argument parser, the checks of every flag,
+loading the model and labels, drawing in batches and writing the outputs.
+
+Every check of what a user gives runs before any work, and a failure is one line on stderr with
+exit code 2, in one of two places:
+
+* a flag's own value: its argparse type below (`count`, `seed`, `threads`, `finite`,
+  `non_negative`), so argparse answers "argument --n: must be at least 1, got -3" before anything
+  else runs;
+* what depends on other flags, on files or on the machine: the functions below, each raising
+  CommandError, called by the command's `run` before the work: `check_out` (an output file: its
+  suffix and folder, and --force for one that exists), `check_memory` (memory.py's estimate
+  against what the machine has), `load_model` (device, threads, the checkpoint), `labels_for`,
+  `drawing_guidance`, `check_data`.
+
+A new command reuses each in one call: `parents=[model_options()]` gives --ckpt, --device, --seed
+and --threads with their types, `drawing_options()` the drawing flags, `output_options(default,
+suffix)` --out and --force; in `run`, `check_out(args.out, args.force)`, then `load_model(args)`,
+`check_memory(needs, args.device)` with the figures of memory.py, and at the end
+`write_outputs({path: writer}, args.force)`, which writes every output file of the command as one
+group (io/files.py: atomic, never replacing without --force, all files or none).
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +28,9 @@ import os
 from pathlib import Path
 
 import numpy as np
+
+from ..validation import SEED_LIMIT
+from . import memory
 
 SMALL_WIDTH = 128
 
@@ -34,9 +57,48 @@ def finite(text: str) -> float:
     return value
 
 
-def at_least_one(flag: str, value):
-    if value is not None and value < 1:
-        raise CommandError(f"{flag} must be at least 1, got {value}")
+def non_negative(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    value = finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: '{text}'") from None
+
+
+def count(text: str) -> int:
+    """argparse type of every count and size (images, batch size, steps, scale, columns): >= 1."""
+    value = integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seed(text: str) -> int:
+    """argparse type of --seed: 0 .. 2^32 - 1 (validation.check_seed), before a model is loaded."""
+    value = integer(text)
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be in 0..{SEED_LIMIT - 1}, got {value}")
+    return value
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def threads(text: str) -> int:
+    """argparse type of --threads: at most the CPUs this process may use (torch crashes when asked
+    for tens of thousands of threads, and more threads than CPUs only slow it down)."""
+    value, cpus = integer(text), usable_cpus()
+    if not 1 <= value <= cpus:
+        raise argparse.ArgumentTypeError(f"must be in 1..{cpus} (the CPUs this process may use), got {value}")
+    return value
 
 
 def model_options() -> Parser:
@@ -45,16 +107,25 @@ def model_options() -> Parser:
     model.add_argument("--ckpt", type=Path, help="checkpoint file (released or trained) or a released name "
                        "(afhq256, imagenet128, ...: tarflow_ref/registry.py); default: the bundled digits model")
     model.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (default: cpu)")
-    model.add_argument("--seed", type=int, default=0, help="random seed of the noise (default: 0)")
-    model.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 for models of width "
+    model.add_argument("--seed", type=seed, default=0, help=f"random seed of the noise, 0..{SEED_LIMIT - 1} "
+                       "(default: 0)")
+    model.add_argument("--threads", type=threads, help="CPU threads for torch (default: 1 for models of width "
                        f"<= {SMALL_WIDTH}, whose per-token products are too small to share; else torch's default)")
     return model
+
+
+def output_options(default: str, suffix: str = ".png", what: str = "PNG") -> Parser:
+    """--out (default `default`) and --force, the flags of a command that writes a file."""
+    out = Parser(add_help=False)
+    out.add_argument("--out", type=Path, default=Path(default), help=f"{what} to write (default: {default})")
+    out.add_argument("--force", action="store_true", help="replace output files that exist (default: refuse)")
+    return out
 
 
 def drawing_options() -> Parser:
     """The flags of the commands that draw images: count, classes, guidance, denoising, precision."""
     draw = Parser(add_help=False)
-    draw.add_argument("--n", type=int, help="number of images (default: sample 20, trace 4)")
+    draw.add_argument("--n", type=count, help="number of images (default: sample 20, trace 4)")
     draw.add_argument("--class", dest="classes", type=int, nargs="+", metavar="LABEL",
                       help="class label(s), cycled over the images; default: all classes in turn")
     draw.add_argument("--cfg", type=finite, help="classifier-free guidance weight g >= 0 "
@@ -67,11 +138,11 @@ def drawing_options() -> Parser:
                       help="attention temperature of the unconditional branch (default: 1)")
     draw.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=True,
                       help="remove the training noise with one score step (default: on)")
-    draw.add_argument("--denoise-factor", type=finite, default=1.0,
+    draw.add_argument("--denoise-factor", type=non_negative, default=1.0,
                       help="multiplies the step size lambda = B S^2 c sigma^2 (default: 1.0, the theoretical optimum)")
     draw.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
-    draw.add_argument("--batch-size", type=int, default=64, help="images per sampling batch (default: 64)")
-    draw.add_argument("--scale", type=int, help="enlarge each pixel this many times in the PNG "
+    draw.add_argument("--batch-size", type=count, default=64, help="images per sampling batch (default: 64)")
+    draw.add_argument("--scale", type=count, help="enlarge each pixel this many times in the PNG "
                       "(default: to at least 64 pixels per image)")
     return draw
 
@@ -95,7 +166,6 @@ def progress(desc, leave=False):
 def set_threads(args):
     import torch
 
-    at_least_one("--threads", args.threads)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
@@ -122,6 +192,8 @@ def load_model(args):
             raise CommandError(str(err)) from None
     if not path.is_file():
         raise CommandError(f"checkpoint {path} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
+    if not os.access(path, os.R_OK):
+        raise CommandError(f"checkpoint {path} is not readable (permission denied)")
     try:
         model = load_checkpoint(path, device=args.device)
     except CheckpointError as err:
@@ -136,11 +208,7 @@ def drawing_guidance(args):
     from ..assets import BUNDLED_GUIDANCE
     from ..guidance import Guidance
 
-    for flag, value in (("--n", args.n), ("--batch-size", args.batch_size), ("--scale", args.scale)):
-        at_least_one(flag, value)
-    if args.denoise_factor < 0:
-        raise CommandError(f"--denoise-factor must be >= 0, got {args.denoise_factor}")
-    weight = args.cfg if args.cfg is not None else (BUNDLED_GUIDANCE if args.ckpt is None else 0.0)
+    weight = args.cfg = args.cfg if args.cfg is not None else (BUNDLED_GUIDANCE if args.ckpt is None else 0.0)
     try:
         guidance = Guidance(weight, args.guide_what, args.annealed, args.attn_temp)
     except ValueError as err:
@@ -176,7 +244,8 @@ def denoiser(args, cfg):
 
 
 def draw_images(model, args, labels, sampler, denoise=None):
-    """Images [n, c, S, S] in model range, in batches; a batch holding NaN is drawn again."""
+    """Images [n, c, S, S] in model range, in batches; a batch holding NaN (after denoising, when
+    on) is drawn again, up to torch_backend/draw.MAX_REDRAWS times."""
     import torch
 
     from ..torch_backend.draw import NanSamples
@@ -185,7 +254,7 @@ def draw_images(model, args, labels, sampler, denoise=None):
     try:
         return torch.cat([stream.batch(start) for start in stream.starts()])
     except NanSamples as err:
-        raise CommandError(f"{err}; try a lower --cfg") from None
+        raise CommandError(f"{err}: {overflow_advice(args)}; nothing written") from None
 
 
 def sample_stream(model, args, labels, sampler, denoise=None):
@@ -198,13 +267,18 @@ def sample_stream(model, args, labels, sampler, denoise=None):
                         None if denoise is None else denoised)
 
 
+def overflow_advice(args) -> str:
+    """Why samples come out NaN, and what to try."""
+    if args.cfg:
+        return "the model overflows at this guidance weight; try a lower --cfg"
+    return "the model overflows on this noise (are its weights trained?)"
+
+
 def save_grid(images, path: Path, cols: int, scale: int):
-    """images: [n, c, S, S] in [0, 1] -> one PNG, `cols` per row, a 1-pixel grey frame, pixels enlarged.
-    An existing file at `path` is replaced only once the new PNG is complete."""
+    """images: [n, c, S, S] in [0, 1] -> one PNG at `path` (write_outputs gives the temporary one),
+    `cols` per row, a 1-pixel grey frame, pixels enlarged."""
     from einops import rearrange
     from PIL import Image
-
-    from ..io.checkpoint import written_atomically
 
     n, c, S, _ = images.shape
     rows = math.ceil(n / cols)
@@ -214,20 +288,62 @@ def save_grid(images, path: Path, cols: int, scale: int):
     pixels = np.rint(grid * 255).astype(np.uint8)
     img = Image.fromarray(pixels[..., 0] if c == 1 else pixels)
     img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
-    with written_atomically(path) as partial:
-        img.save(partial)
+    img.save(path)
 
 
-def check_out(path: Path, suffix=".png"):
-    """Everything that would stop the final write, checked before any sampling."""
+def check_out(path: Path, force: bool, suffix=".png"):
+    """Everything that would stop the final write, checked before any work: the suffix, the
+    folder, and an existing file, which only --force may replace."""
     if path.suffix.lower() != suffix:
         raise CommandError(f"{path}: the output must be a {suffix} file")
     if not path.parent.is_dir():
         raise CommandError(f"{path.parent}: no such folder for the output")
     if path.is_dir():
         raise CommandError(f"{path}: is a folder; the output must be a file")
-    if not os.access(path.parent, os.W_OK):
+    if not os.access(path.parent, os.W_OK | os.X_OK):
         raise CommandError(f"{path.parent}: the output folder is not writable")
+    if os.path.lexists(path) and not force:
+        raise CommandError(f"{path} exists; pass --force to replace it")
+
+
+def write_outputs(writers: dict, force: bool):
+    """Write the outputs {path: write(partial path)} as one group (io/files.written_together):
+    atomically, all or none, never replacing a file without --force, even one that another run
+    wrote while this one worked. A failed write (a full disk) is one line; no output changed."""
+    from ..io.files import OutputExists, written_together
+
+    try:
+        with written_together(list(writers), force=force) as partials:
+            for write, partial in zip(writers.values(), partials):
+                write(partial)
+    except OutputExists as err:
+        raise CommandError(f"{err}: pass --force to replace it") from None
+    except OSError as err:
+        raise CommandError(f"cannot write {', '.join(map(str, writers))} ({err.strerror or err}); nothing was "
+                           "written and existing files are unchanged") from None
+
+
+def check_memory(needs: dict, device: str = "cpu", device_needs: dict | None = None, hint: str = ""):
+    """CommandError unless `needs` ({what: bytes} in host memory) fit in what the machine has,
+    and `device_needs` in the memory of `device` (on the CPU both count against the host)."""
+    host, device_needs = dict(needs), dict(device_needs or {})
+    if not device.startswith("cuda"):
+        host, device_needs = host | device_needs, {}
+    for where, wants in (("cpu", host), (device, device_needs)):
+        if wants:
+            problem = memory.shortfall(wants, memory.available_bytes(where))
+            if problem:
+                place = "" if where == "cpu" else f" on {where}"
+                raise CommandError(f"this request {problem}{place}" + (f"; {hint}" if hint else ""))
+
+
+def check_drawing_memory(args, cfg, frames: int, cols: int, scale: int, guidance, batch: int | None = None):
+    """check_memory for a command that draws `frames` images into one PNG grid, sampling `batch`
+    at a time (default: --batch-size)."""
+    batch = min(args.batch_size, args.n) if batch is None else batch
+    check_memory(memory.drawing_needs(cfg, frames, cols, scale), args.device,
+                 {"caches": memory.cache_bytes(cfg, batch, guidance is not None, args.bf16)},
+                 hint="ask for fewer or smaller images (--n, --scale, --batch-size)")
 
 
 def check_data(args):

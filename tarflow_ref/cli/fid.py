@@ -13,7 +13,7 @@ from pathlib import Path
 from .common import (
     CommandError,
     Parser,
-    at_least_one,
+    count,
     check_out,
     denoiser,
     drawing_guidance,
@@ -22,6 +22,7 @@ from .common import (
     progress,
     sample_stream,
     set_threads,
+    threads,
 )
 from .sample import make_sampler
 
@@ -33,10 +34,10 @@ def add(commands, parents):
     run = Parser(add_help=False)
     run.add_argument("--state", type=Path, help="save the run here every --save-every batches; a run with the "
                      "same file continues where it stopped (same settings only)")
-    run.add_argument("--save-every", type=int, default=10, help="batches between saves of --state (default: 10)")
-    run.add_argument("--stop-after", type=int, help="stop after this many batches (state saved); run again to continue")
+    run.add_argument("--save-every", type=count, default=10, help="batches between saves of --state (default: 10)")
+    run.add_argument("--stop-after", type=count, help="stop after this many batches (state saved); run again to continue")
     run.add_argument("--force", action="store_true", help="start over: ignore --state's saved run, replace --out")
-    run.add_argument("--image-size", type=int, help="resize (shorter side) and centre-crop image files to this size")
+    run.add_argument("--image-size", type=count, help="resize (shorter side) and centre-crop image files to this size")
 
     f = commands.add_parser("fid", parents=[*parents, run], help="FID of samples or images against a statistics file",
                             description=f"FID of --n (default {FID_N}) samples of a checkpoint, or of --images, "
@@ -58,9 +59,9 @@ def add(commands, parents):
     st.add_argument("--features", help="the statistics file (or released name) whose feature network to use; "
                     "default for the digits: the bundled digits' file")
     st.add_argument("--out", type=Path, required=True, help="statistics file to write (.pth)")
-    st.add_argument("--batch-size", type=int, default=100, help="images per batch (default: 100)")
+    st.add_argument("--batch-size", type=count, default=100, help="images per batch (default: 100)")
     st.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (default: cpu)")
-    st.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's default)")
+    st.add_argument("--threads", type=threads, help="CPU threads for torch (default: torch's default)")
     return {f: run_fid, st: run_fid_stats}
 
 
@@ -101,8 +102,6 @@ def check_run_args(args):
         check_device(args.device, getattr(args, "bf16", False))
     except ValueError as err:
         raise CommandError(str(err)) from None
-    for flag in ("save_every", "stop_after", "image_size", "batch_size"):
-        at_least_one(f"--{flag.replace('_', '-')}", getattr(args, flag, None))
     if args.stop_after is not None and args.state is None:
         raise CommandError("--stop-after needs --state (where the stopped run is saved)")
     if args.state is not None and not args.state.parent.is_dir():

@@ -6,52 +6,56 @@ import numpy as np
 
 from .common import (
     CommandError,
-    at_least_one,
+    check_drawing_memory,
     check_out,
+    count,
     default_scale,
     denoiser,
     draw_images,
     drawing_guidance,
     labels_for,
     load_model,
+    output_options,
     progress,
     save_grid,
+    write_outputs,
 )
 
 
 def add(commands, parents):
-    p = commands.add_parser("sample", parents=parents, help="draw images from a model",
+    p = commands.add_parser("sample", parents=[*parents, output_options("samples.png", what="PNG grid")],
+                            help="draw images from a model",
                             description="Draw images from a TarFlow and save them as a PNG grid.")
-    p.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG grid to write (default: samples.png)")
-    p.add_argument("--npy", type=Path, help="also save the images [n, c, S, S] in [0, 1] as a .npy file")
-    p.add_argument("--cols", type=int, help="images per row of the grid (default: one column per class)")
+    p.add_argument("--npy", type=Path, help="also save the images [n, c, S, S] in [0, 1] as a .npy file "
+                   "(written together with the PNG: both or neither)")
+    p.add_argument("--cols", type=count, help="images per row of the grid (default: one column per class)")
     return p
 
 
 def run(args):
-    from ..io.checkpoint import written_atomically
     from ..training.data import to_unit_range
 
     args.n = 20 if args.n is None else args.n
-    check_out(args.out)
+    check_out(args.out, args.force)
     if args.npy is not None:
-        check_out(args.npy, ".npy")
-    at_least_one("--cols", args.cols)
+        check_out(args.npy, args.force, ".npy")
     if args.strategy is not None and args.sampler != "gsj":
         raise CommandError("--strategy needs --sampler gsj")
     guidance = drawing_guidance(args)
     model = load_model(args)
     cfg = model.config
-    labels = labels_for(args, cfg)
     denoise = denoiser(args, cfg)
+    cycle = len(args.classes or range(cfg.num_classes))           # 0 for an unconditional model
+    cols = min(args.cols or (cycle if 0 < cycle <= 16 else math.ceil(math.sqrt(args.n))), args.n)
+    scale = default_scale(args, cfg)
+    check_drawing_memory(args, cfg, args.n, cols, scale, guidance)
+    labels = labels_for(args, cfg)
     sampler = make_sampler(args, model, guidance)
     images = to_unit_range(draw_images(model, args, labels, sampler, denoise)).numpy()
-    cycle = len(args.classes or range(cfg.num_classes))           # 0 for an unconditional model
-    cols = args.cols or (cycle if 0 < cycle <= 16 else math.ceil(math.sqrt(args.n)))
-    save_grid(images, args.out, min(cols, args.n), default_scale(args, cfg))
+    writers = {args.out: lambda path: save_grid(images, path, cols, scale)}
     if args.npy is not None:
-        with written_atomically(args.npy) as partial:
-            np.save(partial, images.astype(np.float32))
+        writers[args.npy] = lambda path: np.save(path, images.astype(np.float32))
+    write_outputs(writers, args.force)
     classes = " ".join(map(str, args.classes)) if args.classes else f"0..{cfg.num_classes - 1}"
     print(f"wrote {args.out} ({args.n} images{'' if labels is None else ', classes ' + classes})")
 

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from ..frechet import FeatureStats
-from ..io.checkpoint import CheckpointError, check_state_dict, read_state_dict, written_atomically
+from ..io.checkpoint import CheckpointError, check_state_dict, read_state_dict
+from ..io.files import written_atomically
 from ..torch_backend.inception import InceptionV3
 from ..training.data import IMAGE_SUFFIXES, center_crop, to_unit_range
 from .digit_features import DigitFeatures

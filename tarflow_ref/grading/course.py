@@ -48,6 +48,8 @@ from . import sandbox
 from .integrity import Assignment, Flag, scan
 from .kernel import KernelStopped, StudentError, StudentKernel
 
+from ..io.files import written_together
+
 # the instructor notebooks of this repository (absent from a wheel: then pass a folder)
 ASSIGNMENTS = Path(__file__).resolve().parents[2] / "assignments"
 
@@ -96,7 +98,7 @@ def release(notebooks, out, force: bool = False) -> list[Path]:
     the folder `out`, under the same name.
 
     Nothing is written if a target exists (unless force) or any notebook fails: all are made
-    first. Returns the written paths.
+    first, then written as one group (io/files.written_together). Returns the written paths.
     """
     out = Path(out)
     made = {}
@@ -106,8 +108,9 @@ def release(notebooks, out, force: bool = False) -> list[Path]:
     if existing and not force:
         raise FileExistsError(f"would overwrite {', '.join(existing)} (pass force to replace them)")
     out.mkdir(parents=True, exist_ok=True)
-    for target, nb in made.items():
-        nbformat.write(nb, target)
+    with written_together(list(made), force=force) as partials:      # all notebooks or none, each complete
+        for partial, nb in zip(partials, made.values()):
+            nbformat.write(nb, partial)
     return list(made)
 
 

@@ -23,20 +23,16 @@ and names"), and neither may contradict the tensors:
   would break a strict load elsewhere. When both a record and a released-pattern name are there,
   they must agree on sigma: a renamed file never changes sigma silently.
 
-Files are written through `written_atomically`, so an existing file is replaced only once its
+Files are written through files.written_atomically, so an existing file is replaced only once its
 successor is complete.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
 import pickle
 import re
-import shutil
-import tempfile
 import zipfile
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -45,6 +41,9 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, TarFlowConfig, name_disagreements, parse_name
+from ..torch_backend.checks import nonfinite_keys
+from ..validation import check_finite_params, nonfinite_message
+from .files import written_atomically
 
 METADATA_RECORD = "extra/tarflow_ref.json"      # inside the zip archive, beside torch's data.pkl
 SHAPE_FIELDS = ("image_size", "patch_size", "channels", "width", "blocks", "layers", "num_classes")
@@ -79,42 +78,6 @@ def read_state_dict(path) -> dict:
             raise CheckpointError(f"{path}: expected a state dict of tensors, but '{key}' holds a "
                                   f"{type(value).__name__}")
     return state
-
-
-@contextlib.contextmanager
-def written_atomically(path):
-    """Yield a temporary path to write to; it replaces `path` only when the block ends without an
-    error, so an interrupted or failed write never leaves a half-written file nor loses the old one.
-
-    The temporary file has the same name, in a hidden folder beside `path` (same file system, so
-    the replacement is one atomic rename): PIL and np.save read the format from the suffix, and
-    torch.save names the records inside its zip after the file, so the bytes match a direct save.
-    """
-    path = Path(path)
-    folder = Path(tempfile.mkdtemp(prefix=_partial_prefix(path), dir=path.parent))
-    partial = folder / path.name
-    try:
-        yield partial
-        with open(partial, "rb") as f:        # on disk before the rename, so a crash cannot leave an empty file
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-        folder.rmdir()
-
-
-def remove_partials(path):
-    """Remove the temporary folders that `written_atomically(path)` leaves when its process is
-    killed (SIGKILL allows no clean-up). Only for a caller that knows no other process is writing
-    `path` (training holds the lock of its folder)."""
-    path = Path(path)
-    for folder in path.parent.glob(_partial_prefix(path) + "*"):
-        if folder.is_dir() and {p.name for p in folder.iterdir()} <= {path.name}:
-            shutil.rmtree(folder)
-
-
-def _partial_prefix(path: Path) -> str:
-    return f".{path.name}."
 
 
 def write_state_dict(state: dict, path, metadata: dict | None = None):
@@ -173,23 +136,10 @@ def recorded_config(path, metadata: dict) -> TarFlowConfig:
     if set(config) != names:
         raise CheckpointError(f"{path}: its metadata record does not hold a configuration "
                               f"(fields {sorted(config)}, expected {sorted(names)})")
-    sigma = config["noise_std"]
-    if sigma is not None and not (isinstance(sigma, (int, float)) and 0 <= sigma < math.inf):
-        raise CheckpointError(f"{path}: its metadata record holds sigma {sigma!r}, not a finite number >= 0")
     try:
         return TarFlowConfig(**config)
     except (ConfigError, TypeError) as err:
         raise CheckpointError(f"{path}: its metadata record describes no TarFlow: {err}") from None
-
-
-def nonfinite_keys(state: dict) -> list:
-    """The keys of the floating-point tensors that hold NaN or infinity."""
-    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-
-
-def nonfinite_message(keys: list) -> str:
-    more = f" and {len(keys) - 1} more tensors" if len(keys) > 1 else ""
-    return f"the weights hold NaN or infinite values (in '{keys[0]}'{more}): the model diverged in training"
 
 
 def file_digest(path) -> str:
@@ -310,9 +260,11 @@ def to_numpy(model_or_state, dtype=np.float64) -> dict:
 
 
 def from_numpy(params: dict, cfg: TarFlowConfig, dtype=torch.float64):
-    """A torch TarFlow holding the NumPy parameters, loaded strictly."""
+    """A torch TarFlow holding the NumPy parameters, loaded strictly; NaN or infinite weights are
+    refused, as load_checkpoint refuses them."""
     from ..torch_backend.model import TarFlow
 
+    check_finite_params(params, "evaluated or sampled")
     model = TarFlow(cfg).to(dtype)
     state = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dtype) for k, v in params.items()}
     check_state_dict(state, model.state_dict())

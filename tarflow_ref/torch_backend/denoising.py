@@ -18,7 +18,8 @@ import contextlib
 import torch
 
 from ..denoising import step_size
-from ..validation import check_factor, check_image, check_labels, noise_sigma
+from ..validation import check_factor, check_image, check_integer, check_labels, noise_sigma
+from .checks import check_finite_weights, tensors_of
 from .precision import autocast, check_bf16_model
 
 
@@ -40,14 +41,15 @@ def denoise(model, x, y=None, *, factor=1.0, chunk_size=None, bf16=False, progre
     sigma defaults to model.config.noise_std (a ValueError if the model has none and none is given).
     """
     cfg = model.config
-    check_image(x, cfg)
-    check_labels(y, cfg.num_classes, len(x))
+    tensors = tensors_of(model)
+    check_image(x, cfg, tensors)
+    check_labels(y, cfg.num_classes, len(x), tensors)
     sigma, factor = noise_sigma(cfg, sigma), check_factor(factor)
     if bf16:
         check_bf16_model(next(model.parameters()).dtype)
-    chunk_size = max(len(x), 1) if chunk_size is None else chunk_size
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1 (or None for the whole batch), got {chunk_size}")
+    chunk_size = max(len(x), 1) if chunk_size is None else \
+        check_integer("chunk_size", chunk_size, at_least=1, note=" (None: the whole batch)")
+    check_finite_weights(model, "used to denoise")
     x_hat = torch.empty_like(x)
     starts = range(0, len(x), chunk_size)
     with frozen(model), autocast(x.device, bf16), torch.enable_grad():

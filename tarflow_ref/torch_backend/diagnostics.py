@@ -4,6 +4,8 @@ import torch
 
 from ..diagnostics import Diagnostics, block_metrics
 from ..patchify import patchify
+from ..validation import check_image, check_labels
+from .checks import tensors_of
 
 
 @torch.no_grad()
@@ -21,6 +23,9 @@ def block_metrics_torch(block, x, z, y=None):
 @torch.no_grad()
 def diagnose_torch(model, images, y=None) -> Diagnostics:
     """IGM and CRM of every block of a torch TarFlow from a forward pass of images: [B, c, S, S]."""
+    tensors = tensors_of(model)
+    check_image(images, model.config, tensors, "images")
+    check_labels(y, model.config.num_classes, len(images), tensors)
     z = patchify(images, model.config.patch_size)
     rows = []
     for block in model.blocks:

@@ -1,6 +1,7 @@
 """Many samples, batch after batch, as the released evaluation draws them (book/checkpoints.md,
 "Inverse, guidance and sampling"): one noise generator seeded once, labels cycled over the images,
-and a batch whose samples hold a NaN drawn again with fresh noise before it is denoised or used.
+and a batch whose samples hold a NaN drawn again with fresh noise before it is denoised or used
+(and, should denoising itself give a NaN, drawn again too).
 
 The stream's whole state is the generator's, so a long run saves `state()` with its results and a
 resumed run continues with exactly the noise it would have drawn (the FID pipeline does this).
@@ -36,12 +37,12 @@ class SampleStream:
         for _ in range(MAX_REDRAWS):
             noise = torch.randn(count, self.cfg.tokens, self.cfg.token_dim, generator=self.gen).to(self.device)
             x = self.sampler(noise, y)
+            if self.denoise is not None and not torch.isnan(x).any():
+                x = self.denoise(x, y)
             if not torch.isnan(x).any():
                 break
         else:
             raise NanSamples(f"{MAX_REDRAWS} batches in a row came out NaN")
-        if self.denoise is not None:
-            x = self.denoise(x, y)
         return x.detach().float().cpu()
 
     def state(self) -> dict:

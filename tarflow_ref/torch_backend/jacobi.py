@@ -16,11 +16,12 @@ Shapes: z, x: [B, T, D]; the per-module iterates are [B, M, D].
 """
 import torch
 
-from ..guidance import Guidance, branches
+from ..guidance import Guidance, branches, check_guidance
 from ..jacobi import CLAMP
 from ..strategy import BlockPlan, Cost
 from ..strategy_text import as_strategy
 from ..validation import check_labels, check_tokens
+from .checks import tensors_of
 from .engine import guided_conditioner, new_caches
 from .precision import autocast, wide
 from .sampling import sample
@@ -146,8 +147,10 @@ def inverse_gsj(model, z, y=None, guidance: Guidance | None = None, *, strategy,
     strategy_text.parse_strategy). `progress` wraps the block loop (tqdm)."""
     cfg = model.config
     strategy = as_strategy(strategy, cfg)
-    check_tokens(z, cfg)
-    check_labels(y, cfg.num_classes, len(z))
+    tensors = tensors_of(model)
+    check_tokens(z, cfg, tensors)
+    check_labels(y, cfg.num_classes, len(z), tensors)
+    check_guidance(guidance)
     order = list(reversed(range(cfg.blocks)))
     with autocast(z.device, bf16):
         for b in (progress(order) if progress else order):
@@ -165,7 +168,7 @@ def gs_jacobi(strategy, trace: Trace | None = None):
         if isinstance(strategy, str) and strategy.strip() == "auto":
             from .strategy_search import auto_strategy
 
-            check_labels(y, model.config.num_classes, len(z))          # before the search, not after it
+            check_labels(y, model.config.num_classes, len(z), tensors_of(model))   # before the search, not after it
             chosen = auto_strategy(model, y, guidance)
         return inverse_gsj(model, z, y, guidance, strategy=chosen, bf16=bf16, progress=progress, trace=trace)
     return sampler

@@ -25,6 +25,7 @@ from ..logdet import loss as flow_loss
 from ..params import away_from_init
 from ..patchify import patchify
 from ..validation import check_image, check_labels
+from .checks import tensors_of
 from .precision import wide
 
 
@@ -151,8 +152,9 @@ class TarFlow(nn.Module):
         self.blocks = nn.ModuleList(MetaBlock(cfg, reverse=reverses(b)) for b in range(cfg.blocks))
 
     def forward(self, x, y=None):
-        check_image(x, self.config)
-        check_labels(y, self.config.num_classes, len(x))
+        tensors = tensors_of(self)
+        check_image(x, self.config, tensors)
+        check_labels(y, self.config.num_classes, len(x), tensors)
         z = patchify(x, self.config.patch_size)
         logdet = 0.0
         for block in self.blocks:

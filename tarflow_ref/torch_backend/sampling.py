@@ -10,9 +10,10 @@ sampler(model, z, y, guidance, bf16=..., progress=...) -> tokens.
 """
 import torch
 
-from ..guidance import Guidance
+from ..guidance import Guidance, check_guidance
 from ..patchify import unpatchify
 from ..validation import check_labels, check_tokens
+from .checks import check_finite_weights, tensors_of
 from .engine import Engine
 
 
@@ -26,16 +27,23 @@ def block_inverse(block, z, y=None, guidance: Guidance | None = None, bf16=False
 def inverse(model, z, y=None, guidance: Guidance | None = None, *, bf16=False, progress=None, engine=None):
     """Tokens z: [B, T, D] -> data tokens, blocks N-1..0, sequentially. `progress` wraps the block
     loop (tqdm). engine: an Engine of this model, batch size and setting to reuse (default: a new one)."""
-    check_tokens(z, model.config)
-    check_labels(y, model.config.num_classes, len(z))
+    tensors = tensors_of(model)
+    check_tokens(z, model.config, tensors)
+    check_labels(y, model.config.num_classes, len(z), tensors)
+    check_guidance(guidance)
     engine = engine or Engine(model.blocks, len(z), guidance, bf16)
     return engine.inverse(z, y, progress)
 
 
 @torch.no_grad()
 def sample(model, noise, y=None, guidance: Guidance | None = None, *, sampler=inverse, bf16=False, progress=None):
-    """Noise [B, T, D] ~ N(0, I) -> image [B, c, S, S] (before denoising and clipping)."""
-    check_tokens(noise, model.config)
+    """Noise [B, T, D] ~ N(0, I) -> image [B, c, S, S] (before denoising and clipping). A model
+    with NaN or infinite weights is refused (checks.py)."""
+    tensors = tensors_of(model)
+    check_tokens(noise, model.config, tensors, "noise")
+    check_labels(y, model.config.num_classes, len(noise), tensors)
+    check_guidance(guidance)
+    check_finite_weights(model)
     tokens = sampler(model, noise * model.var.sqrt(), y, guidance, bf16=bf16, progress=progress)
     return unpatchify(tokens, model.config.patch_size, model.config.channels)
 

@@ -23,9 +23,10 @@ GS-Jacobi runs per tough block and candidate G, per round.
 import numpy as np
 import torch
 
-from ..guidance import Guidance
+from ..guidance import Guidance, check_guidance
 from ..strategy import BlockPlan, Strategy, block_cost, divisors
 from ..validation import check_labels
+from .checks import check_finite_weights, tensors_of
 from .diagnostics import block_metrics_torch
 from .jacobi import Trace, block_inverse_gsj, inverse_gsj
 from .sampling import block_inverse
@@ -48,7 +49,9 @@ def auto_strategy(model, y=None, guidance: Guidance | None = None, tol: float = 
         batch = len(y)
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    check_labels(y, cfg.num_classes, batch)
+    check_labels(y, cfg.num_classes, batch, tensors_of(model))
+    check_guidance(guidance)
+    check_finite_weights(model, "searched")
     T, N = cfg.tokens, cfg.blocks
     gen = torch.Generator(device="cpu").manual_seed(seed)
     var = model.var

@@ -14,6 +14,7 @@ import torch
 
 from ..guidance import Guidance, guided
 from ..validation import check_labels, check_tokens
+from .checks import tensors_of
 from .precision import autocast, wide
 
 
@@ -65,8 +66,9 @@ def block_inverse(block, z, y=None, guidance: Guidance | None = None, steps: int
 @torch.no_grad()
 def inverse(model, z, y=None, guidance: Guidance | None = None, *, bf16=False, progress=None):
     """Tokens z: [B, T, D] -> data tokens, blocks N-1..0 (a sampler of sampling.sample)."""
-    check_tokens(z, model.config)
-    check_labels(y, model.config.num_classes, len(z))
+    tensors = tensors_of(model)
+    check_tokens(z, model.config, tensors)
+    check_labels(y, model.config.num_classes, len(z), tensors)
     blocks = list(reversed(model.blocks))
     with autocast(z.device, bf16):
         for block in (progress(blocks) if progress else blocks):

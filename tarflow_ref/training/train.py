@@ -41,10 +41,12 @@ import numpy as np
 import torch
 
 from ..config import TarFlowConfig
-from ..io.checkpoint import check_state_dict, float32_state, model_metadata, nonfinite_keys, nonfinite_message
+from ..io.checkpoint import check_state_dict, float32_state, model_metadata
 from ..logdet import bits_per_dim, dequantize
+from ..torch_backend.checks import check_finite_weights, nonfinite_keys
 from ..torch_backend.model import TarFlow
 from ..torch_backend.precision import autocast
+from ..validation import check_seed, nonfinite_message
 from .data import load_dataset, to_model_range
 from .train_state import load_pair, locked_out_dir, remove_stale_partials, resume_path, save_pair
 
@@ -89,6 +91,7 @@ class TrainSettings:
                              f"got {self.noise_std}, {self.weight_decay}, {self.lr}")
         if not 0 <= self.drop_label < 1:
             raise ValueError(f"drop_label must be in [0, 1), got {self.drop_label}")
+        check_seed(self.seed)
         check_device(self.device, self.bf16)
         self.model_config(0)                        # a ConfigError names shapes that make no TarFlow
 
@@ -114,6 +117,10 @@ def check_device(device: str, bf16: bool):
         raise ValueError(f"device must be 'cpu' or 'cuda', got '{device}'")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("CUDA was requested but no GPU is available; use --device cpu")
+    if device.startswith("cuda:"):
+        index, count = device.removeprefix("cuda:"), torch.cuda.device_count()
+        if not (index.isdigit() and int(index) < count):
+            raise ValueError(f"device '{device}' does not exist: this machine has GPUs cuda:0..cuda:{count - 1}")
     if bf16 and not device.startswith("cuda"):
         raise ValueError("bfloat16 autocast (--bf16) needs --device cuda")
 
@@ -310,9 +317,8 @@ def evaluate_bpd(model, images, labels=None, *, batch_size: int = 256, seed: int
     model's unlabelled branch (the mean class embedding). A model with NaN or infinite weights,
     and a result that is not finite, raise a ValueError: never a "nan" figure.
     """
-    bad = nonfinite_keys(model.state_dict())
-    if bad:
-        raise ValueError(f"{nonfinite_message(bad)}; it cannot be evaluated")
+    check_finite_weights(model, "evaluated")
+    check_seed(seed)
     model.eval()
     device = next(model.parameters()).device
     rng = np.random.default_rng(seed)

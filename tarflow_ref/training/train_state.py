@@ -23,12 +23,12 @@ Creating that file is also the check, before any work, that the out-dir is writa
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import torch
 
-from ..io.checkpoint import _unpickler_reason, file_digest, remove_partials, write_state_dict, written_atomically
+from ..io.checkpoint import _unpickler_reason, file_digest, write_state_dict
+from ..io.files import folder_lock, remove_partials, written_atomically
 
 RESUME_SUFFIX = ".resume.pt"
 LOCK_NAME = ".tarflow_ref-train.lock"
@@ -44,40 +44,19 @@ def resume_path(checkpoint) -> Path:
 
 @contextlib.contextmanager
 def locked_out_dir(folder):
-    """Hold the exclusive lock of `folder` (an existing folder) while the block runs; on entry,
-    remove the temporary folders of saves that a killed run left there.
-
-    OutDirBusy if another process holds it; ValueError if no file can be created in `folder`.
-    """
-    try:
-        import fcntl
-    except ImportError:                  # Windows: no flock; runs into one folder are not kept apart
-        yield
-        return
+    """Hold the exclusive lock of `folder` (an existing folder) while the block runs (io/files.py,
+    folder_lock). OutDirBusy if another process holds it; ValueError if no file can be created in
+    `folder`."""
     folder = Path(folder)
-    lock = folder / LOCK_NAME
-    while True:
+    with contextlib.ExitStack() as stack:
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            stack.enter_context(folder_lock(folder, LOCK_NAME, wait=False))
+        except BlockingIOError:
+            raise OutDirBusy(f"{folder} is in use by another training run (it holds {folder / LOCK_NAME}); "
+                             f"wait for it to end or choose another --out-dir") from None
         except OSError as err:
             raise ValueError(f"cannot write into {folder} ({err.strerror}); choose another --out-dir") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise OutDirBusy(f"{folder} is in use by another training run (it holds {lock}); "
-                             f"wait for it to end or choose another --out-dir") from None
-        try:
-            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
-                break                    # else the previous holder removed the file after we opened it: again
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    try:
         yield
-    finally:
-        os.unlink(lock)                  # while still holding it: a waiting opener sees a new file
-        os.close(fd)
 
 
 def remove_stale_partials(path):
