@@ -7,7 +7,7 @@
 #   profile  benchmarks/step_profile.py: kernels per step, their GPU time and the gaps between
 #            them, P4 and AFHQ layouts at batch 32, eager body and compiled body       (~2-3 min)
 #   b32      benchmarks/sampling.py, the four published configurations at batch 32, guidance on,
-#            bf16 (the headline: AFHQ-256 engine >= 80x textbook, within 5x of two
+#            bf16 (the target: AFHQ-256 engine >= 80x textbook, within 5x of two
 #            forward passes; (e) = the memory-traffic floor at the measured copy bandwidth)  (~4 min)
 #   compile  the AFHQ row again with Engine(compile=True)                               (~2 min)
 #   others   batch 1, 8 and 128, engine and textbook from windows of 64 steps            (~4 min)

@@ -326,5 +326,6 @@ def main(argv=None):
           f"{args.clock} clock, copy bandwidth {bandwidth / 1e9:.0f} GB/s{', compiled engine' if args.compile else ''}")
     print(table(rows))
 
+
 if __name__ == "__main__":
     main()

@@ -17,6 +17,7 @@ from conftest import not_implemented, with_nan
 
 # ---- guide ------------------------------------------------------------------------------------
 
+
 def reference_guide(a, m, a_u, m_u, g, what):
     return guide(a, m, a_u, m_u, Guidance(what=what), g)
 

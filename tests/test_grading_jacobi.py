@@ -17,6 +17,7 @@ from tarflow_ref.strategy import BlockPlan
 
 # ------------------------------------------------------------------ right solutions, from the package
 
+
 def cached(f, z):
     """evaluate(chunk, start) for solve_block from f, which only reads tokens from position 0."""
     seen = np.zeros_like(z)                          # [B, T, D]: the inputs passed so far

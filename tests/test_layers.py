@@ -57,7 +57,7 @@ def test_numpy_reference_imports_and_runs_without_torch():
 
 
 def test_ruff_check_passes():
-    """The linter configured in pyproject.toml ([tool.ruff]) finds nothing."""
+    """The linter and the layout (format) check configured in pyproject.toml ([tool.ruff]) find nothing."""
     done = subprocess.run([sys.executable, "-m", "ruff", "check", "tarflow_ref", "tests", "benchmarks"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr

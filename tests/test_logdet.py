@@ -1,4 +1,4 @@
-"""Log-determinant, prior, loss, NLL and bits/dim (SPEC, "Whole model", "Bits per dimension").
+"""Log-determinant, prior, loss, NLL and bits/dim (book/checkpoints.md, "One flow block", "Bits per dimension").
 
 The summed per-block log-det must be log|det dz/dx| / (T*D) (a mean, not a sum), checked against
 brute-force Jacobians: torch autograd on the torch model, central finite differences on the NumPy

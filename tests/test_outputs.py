@@ -152,9 +152,18 @@ def test_a_failed_rename_puts_the_old_pair_back(tmp_path, monkeypatch):
 
 
 def test_ctrl_c_during_the_renames_lets_the_pair_finish_then_stops(tmp_path, monkeypatch):
+    png, npy = tmp_path / "s.png", tmp_path / "s.npy"
+    # Python's own Ctrl-C handler, also where the suite runs with SIGINT ignored (a background job)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        ctrl_c_between_the_renames(png, npy, monkeypatch)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def ctrl_c_between_the_renames(png, npy, monkeypatch):
     from tarflow_ref.io.files import written_together
 
-    png, npy = tmp_path / "s.png", tmp_path / "s.npy"
     real_replace, handler = os.replace, signal.getsignal(signal.SIGINT)
 
     def replace(src, dst):

@@ -1,5 +1,5 @@
-"""Patchify (SPEC, "Patches"): tokens are P x P patches in raster order, values ordered c*P^2 + i*P + j,
-exactly torch's unfold transposed; unpatchify (and torch's fold) invert it."""
+"""Patchify (book/checkpoints.md, "Patches and token order"): tokens are P x P patches in raster
+order, values ordered c*P^2 + i*P + j, exactly torch's unfold transposed; unpatchify (and torch's fold) invert it."""
 import numpy as np
 import pytest
 import torch

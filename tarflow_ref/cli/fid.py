@@ -13,8 +13,8 @@ from pathlib import Path
 from .common import (
     CommandError,
     Parser,
-    count,
     check_out,
+    count,
     denoiser,
     drawing_guidance,
     labels_for,
@@ -35,7 +35,8 @@ def add(commands, parents):
     run.add_argument("--state", type=Path, help="save the run here every --save-every batches; a run with the "
                      "same file continues where it stopped (same settings only)")
     run.add_argument("--save-every", type=count, default=10, help="batches between saves of --state (default: 10)")
-    run.add_argument("--stop-after", type=count, help="stop after this many batches (state saved); run again to continue")
+    run.add_argument("--stop-after", type=count,
+                     help="stop after this many batches (state saved); run again to continue")
     run.add_argument("--force", action="store_true", help="start over: ignore --state's saved run, replace --out")
     run.add_argument("--image-size", type=count, help="resize (shorter side) and centre-crop image files to this size")
 
@@ -221,7 +222,7 @@ def run_fid_stats(args):
     from ..training.data import load_digits_split
 
     check_run_args(args)
-    check_out(args.out, ".pth")
+    check_out(args.out, args.force, ".pth")
     if args.out.exists() and not args.force:
         raise CommandError(f"{args.out} exists; pass --force to replace it")
     if args.features is None and args.data != "digits":

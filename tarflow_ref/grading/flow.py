@@ -194,4 +194,3 @@ def inverse_mistake(u, z, f, t):
         return "token 1 used exp(-a): z = (u - m) exp(-a) solves to u = z exp(a) + m"
     return (f"token {t} is off. u_{t} = z_{t} exp(a_{t - 1}) + m_{t - 1}, with a_{t - 1}, m_{t - 1} the "
             f"output of f at position {t - 1} (the last position of the decoded prefix u_0..u_{t - 1})")
-

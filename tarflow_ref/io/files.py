@@ -112,21 +112,23 @@ def _move_in(paths, partials):
 
 
 @contextlib.contextmanager
-def signals_held():
-    """SIGINT and SIGTERM that arrive while the block runs take effect when it ends. In the main
-    thread only: Python runs signal handlers there, so elsewhere they are not ours to hold."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def signals_held(reraise: bool = True):
+    """SIGINT and SIGTERM that arrive while the block runs are recorded in the yielded list instead
+    of ending the process. When the block ends the first of them takes effect (reraise), or is
+    left to the caller (training stops after its step and saves). In the main thread only: Python
+    runs signal handlers there, so elsewhere they are not ours to hold and the list stays empty."""
     received = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
     previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield received
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-        if received:
+        if received and reraise:
             signal.raise_signal(received[0])
 
 

@@ -120,6 +120,7 @@ def _smallest_iterations(block, z, x_ref, y, guidance, G, guess, budget, most):
             tried, J = J, 2 * J
         return None
     # otherwise the finishing passes depend on J: binary search, assuming the error falls with J
+
     def within(J):
         return _max_error(block_inverse_gsj(block, z, y, BlockPlan(G, J, guess), guidance), x_ref) <= budget
     if not within(most):                              # (a NaN error fails too)

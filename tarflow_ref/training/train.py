@@ -29,10 +29,8 @@ infinity are never saved.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -42,6 +40,7 @@ import torch
 
 from ..config import TarFlowConfig
 from ..io.checkpoint import check_state_dict, float32_state, model_metadata
+from ..io.files import signals_held
 from ..logdet import bits_per_dim, dequantize
 from ..torch_backend.checks import check_finite_weights, nonfinite_keys
 from ..torch_backend.model import TarFlow
@@ -216,7 +215,7 @@ def train(s: TrainSettings, out_dir=".", *, resume=False, force=False, stop_afte
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ValueError(f"cannot use {out_dir} as the folder for the checkpoint: {err.strerror}") from None
-    with locked_out_dir(out_dir), stop_requests() as stops:
+    with locked_out_dir(out_dir), signals_held(reraise=False) as stops:
         remove_stale_partials(path)
         found = [p for p in (path, resume_path(path)) if p.exists()]
         if found and not (resume or force):
@@ -259,24 +258,6 @@ def train(s: TrainSettings, out_dir=".", *, resume=False, force=False, stop_afte
         if saved != len(losses):
             save()
         return TrainResult(path, len(losses), losses, signal.Signals(stops[0]).name if stops else None)
-
-
-@contextlib.contextmanager
-def stop_requests():
-    """While the block runs, SIGINT and SIGTERM append to the yielded list instead of ending the
-    process, so that the loop can stop after a step with a checkpoint. Off the main thread
-    (where Python cannot handle signals) the list stays empty."""
-    received = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def write_checkpoint(path: Path, model, opt, sched, s: TrainSettings, losses: list):
