@@ -11,6 +11,8 @@ contradicts the tensors, a name whose sigma contradicts the record, and NaN or i
 """
 import os
 import pickle
+import subprocess
+import sys
 from dataclasses import asdict
 
 import numpy as np
@@ -44,8 +46,11 @@ def saved(tmp_path_factory):
     return path, cfg, model.state_dict()
 
 
+@pytest.mark.parametrize("built_on", ["meta", "cpu"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_round_trip_infers_the_configuration(name, tmp_path, rng):
+def test_round_trip_infers_the_configuration(name, built_on, tmp_path, rng, monkeypatch):
+    # both ways load_checkpoint builds the model before the weights go in (build_device)
+    monkeypatch.setattr("tarflow_ref.io.checkpoint.META_ABOVE", 0 if built_on == "meta" else 10**12)
     cfg = CONFIGS[name].replace(noise_std=0.15)
     model, _ = make_model(cfg, dtype=torch.float32)
     path = tmp_path / cfg.file_name("toy")                              # toy_model_{P}_{C}_{N}_{L}_0.15.pth
@@ -60,6 +65,16 @@ def test_round_trip_infers_the_configuration(name, tmp_path, rng):
     y = torch.tensor([0, -1]) if cfg.conditional else None
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, y), model(x, y), rtol=0, atol=0)
+
+
+def test_loading_the_bundled_model_does_not_import_the_compiler():
+    """A small model is not built on the meta device, whose first operations import torch._dynamo
+    (seconds for every command)."""
+    code = ("import sys; from tarflow_ref.assets import bundled_checkpoint; "
+            "from tarflow_ref.io.checkpoint import load_checkpoint; load_checkpoint(bundled_checkpoint()); "
+            "print('torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "False", done.stdout + done.stderr
 
 
 def test_sigma_from_the_name_or_the_argument(saved, tmp_path):

@@ -45,6 +45,7 @@ from ..torch_backend.checks import nonfinite_keys
 from ..validation import check_finite_params, nonfinite_message
 from .files import written_atomically
 
+META_ABOVE = 10_000_000      # parameters: the full-size models have hundreds of millions, the bundled one 0.2 M
 METADATA_RECORD = "extra/tarflow_ref.json"      # inside the zip archive, beside torch's data.pkl
 SHAPE_FIELDS = ("image_size", "patch_size", "channels", "width", "blocks", "layers", "num_classes")
 
@@ -215,7 +216,7 @@ def load_checkpoint(path, *, device="cpu", noise_std: float | None = None, head_
     if not chosen:
         noise_std = recorded.noise_std if recorded is not None else None if name is None else name.noise_std
     cfg = config_from_state_dict(state, noise_std=noise_std, head_dim=head_dim)
-    with torch.device("meta"):  # shapes only: a full-size random init would cost seconds, then be overwritten
+    with torch.device(build_device(state)):
         model = TarFlow(cfg)
     check_state_dict(state, model.state_dict())
     check_names_and_record(path, cfg, recorded, sigma_chosen=chosen)
@@ -225,6 +226,14 @@ def load_checkpoint(path, *, device="cpu", noise_std: float | None = None, head_
     model = model.to_empty(device=device)
     model.load_state_dict(state, strict=True)  # every parameter and buffer: no uninitialised memory remains
     return model.eval()
+
+
+def build_device(state: dict) -> str:
+    """Where load_checkpoint builds the model whose weights it then replaces. A full-size model goes
+    on the meta device (shapes only: its random init would cost seconds, then be overwritten); a
+    small one on the CPU, because the first operations on the meta device import torch's
+    compiler, which costs more seconds than such a model's init."""
+    return "meta" if sum(t.numel() for t in state.values()) > META_ABOVE else "cpu"
 
 
 def check_names_and_record(path: Path, cfg: TarFlowConfig, recorded: TarFlowConfig | None, sigma_chosen=False):
