@@ -194,8 +194,10 @@ def kernel_prefix(containment: Containment, uid: int | None, work: Path, connect
 
 def python_paths() -> list[str]:
     """The folders the kernel's Python needs to read: the interpreter, its installation, the
-    environment's packages and PYTHONPATH."""
-    paths = {os.path.realpath(sys.executable), sys.prefix, sys.base_prefix, os.path.realpath(sys.base_prefix)}
+    environment's packages, PYTHONPATH and this package (outside the environment when installed
+    in editable mode)."""
+    paths = {os.path.realpath(sys.executable), sys.prefix, sys.base_prefix, os.path.realpath(sys.base_prefix),
+             str(Path(__file__).resolve().parents[1])}
     paths.update(os.path.realpath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)
     return sorted(p for p in paths if os.path.exists(p))
 
@@ -250,9 +252,10 @@ def private_mounts(work: str, hide: list[str], reach: list[str], tmp_bytes: int)
     """Empty private /tmp, /var/tmp, /dev/shm and `hide` folders, work kept where it is; and every
     folder on the way to the paths `reach` (the Python installation) that others may not pass
     through (e.g. /root, mode 700, holding pyenv) replaced by one that shows those paths only."""
-    for folder in PRIVATE_TMP:
+    for folder in PRIVATE_TMP:             # a checkout or environment under /tmp stays where it is
         if os.path.isdir(folder):
-            replace_folder(folder, [work] if work.startswith(folder + "/") else [], f"size={tmp_bytes},mode=1777")
+            replace_folder(folder, [p for p in [work, *reach] if p.startswith(folder + "/")],
+                           f"size={tmp_bytes},mode=1777")
     for folder in hide:                    # never one the kernel needs: its work folder or Python
         inside = folder.rstrip("/") + "/"
         if os.path.isdir(folder) and not any((p + "/").startswith(inside) for p in [work, *reach]):
