@@ -192,3 +192,26 @@ def test_a_fresh_user_id_owns_nothing_and_leaves_nothing():
         assert sandbox.kill_user(uid) and not sandbox.user_processes(uid)
     finally:
         os.waitpid(pid, 0)
+
+
+@needs_root
+def test_python_under_tmp_stays_visible_to_the_kernel(tmp_path, monkeypatch):
+    """The kernel's private /tmp keeps what its Python imports from /tmp (a clone or a virtual
+    environment there, as a CI job may have): here a PYTHONPATH folder under pytest's tmp_path."""
+    import tempfile
+
+    from tarflow_ref.grading.kernel import StudentKernel
+
+    assert str(tmp_path).startswith(tuple(f"{folder}/" for folder in sandbox.PRIVATE_TMP))
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "beside_the_checkout.py").write_text("VALUE = 41\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(modules), os.environ.get("PYTHONPATH")])))
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("import beside_the_checkout\n\ndef value():\n"
+                                          "    return beside_the_checkout.VALUE + 1")]
+    with tempfile.TemporaryDirectory() as work:
+        with StudentKernel(nb, Path(work), sandbox.probe(), sandbox.fresh_uid(), sandbox.Limits(), 120) as running:
+            running.run_cell(nb.cells[0], 0)
+            running.setup({"modules": {}, "names": {}}, [])
+            assert running.function("value")() == 42
