@@ -290,7 +290,7 @@ def test_the_digit_network_training_is_deterministic(digits):
     assert isinstance(bundled, DigitFeatures) and bundled.features == 64
 
 
-def test_a_batch_holding_nan_is_drawn_again_with_the_next_noise():
+def test_a_batch_holding_nan_is_drawn_again_with_fresh_noise_that_leaves_the_stream_alone():
     from tarflow_ref import TarFlowConfig
     from tarflow_ref.torch_backend.draw import MAX_REDRAWS, NanSamples
 
@@ -303,11 +303,14 @@ def test_a_batch_holding_nan_is_drawn_again_with_the_next_noise():
         if len(seen) == 1:
             x[1, 0, 0, 0] = float("nan")
         return x
-    x = SampleStream(sampler, cfg, n=3, batch_size=3, seed=7).batch(0)
+    stream = SampleStream(sampler, cfg, n=6, batch_size=3, seed=7)
+    x, later = stream.batch(0), stream.batch(3)
     gen = torch.Generator().manual_seed(7)
     first, second = torch.randn(3, 4, 1, generator=gen), torch.randn(3, 4, 1, generator=gen)
-    assert len(seen) == 2 and torch.equal(seen[0], first) and torch.equal(seen[1], second)
-    assert torch.equal(x, second.reshape(3, 1, 2, 2))
+    redraw = torch.randn(3, 4, 1, generator=torch.Generator().manual_seed((7 << 32) + 1))   # (seed, batch 0)
+    assert len(seen) == 3 and torch.equal(seen[0], first) and torch.equal(seen[1], redraw)
+    assert torch.equal(x, redraw.reshape(3, 1, 2, 2))
+    assert torch.equal(later, second.reshape(3, 1, 2, 2))             # the next batch's noise as without a NaN
     always = SampleStream(lambda noise, y: noise * float("nan"), cfg, n=3, batch_size=3)
     with pytest.raises(NanSamples, match=f"{MAX_REDRAWS} batches in a row came out NaN"):
         always.batch(0)

@@ -166,15 +166,16 @@ def sampled_source(args, guidance):
     search = 0.0
     if args.sampler == "gsj" and (args.strategy or "auto").strip() == "auto":
         # one search for the whole run (the sample command searches per batch, with that batch's labels)
+        from ..torch_backend import distributed
         from ..torch_backend.strategy_search import auto_strategy
 
         start = time.perf_counter()
-        try:
-            found = auto_strategy(model, None if labels is None else labels[:8].to(args.device), guidance)
+        try:        # found by rank 0 for all, so that every rank draws its batches with one strategy
+            args.strategy = distributed.on_main(lambda: auto_strategy(
+                model, None if labels is None else labels[:8].to(args.device), guidance).to_text())
         except ValueError as err:
             raise CommandError(f"--strategy auto: {err}") from None
         search = time.perf_counter() - start
-        args.strategy = found.to_text()
     sampler = make_sampler(args, model, guidance)
     print(f"sampler: {args.sampler}" + (f" {args.strategy}" if args.sampler == "gsj" else "")
           + f"; {sampler_steps(args, model)} sequential steps per batch")
@@ -218,12 +219,11 @@ def stopped(result, source, args) -> bool:
 
 def run_fid_stats(args):
     from ..evaluation.fid import ArrayImages, read_images, write_stats_file
+    from ..torch_backend import distributed
     from ..training.data import load_digits_split
 
     check_run_args(args)
-    check_out(args.out, ".pth")
-    if args.out.exists() and not args.force:
-        raise CommandError(f"{args.out} exists; pass --force to replace it")
+    check_out(args.out, args.force, ".pth")
     if args.features is None and args.data != "digits":
         raise CommandError("--features is needed: the statistics file (or released name) whose feature network "
                            "to use")
@@ -243,5 +243,6 @@ def run_fid_stats(args):
         return
     if result.stats.n < 2:
         raise CommandError(f"{args.data}: {result.stats.n} image; statistics need at least 2")
-    write_stats_file(args.out, result.stats, network)
+    if distributed.is_main():
+        write_stats_file(args.out, result.stats, network)
     print(f"wrote {args.out} ({result.stats.n} images, {result.stats.dim} features)")
