@@ -120,7 +120,7 @@ def test_fid_stats_of_a_folder(tmp_path, capsys):
     (["fid", "--stats", "nothing.pth"], "nothing.pth: no such file, and not a released name"),
     (["fid", "--images", "x.npy"], "--stats is needed"),
     (["fid", "--images", "x.npy", "--stats", "digits"], "x.npy: no such folder or file of images"),
-    (["fid", "--cfg", "-1"], "guidance weight must be >= 0"),
+    (["fid", "--cfg", "-1"], "guidance weight must be a finite number >= 0"),
     (["fid-stats", "--data", "somewhere", "--out", "s.pth"], "--features is needed"),
     (["fid-stats", "--data", "digits", "--out", "s.txt"], "s.txt: the output must be a .pth file"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
