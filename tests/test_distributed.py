@@ -14,6 +14,7 @@ the bundled digits model and a small digits training run.
 """
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -33,9 +34,18 @@ TRAIN = ["train", "--steps", "4", "--warmup", "1", "--batch-size", "16", "--bloc
 
 
 def torchrun(*args, script=("-m", "tarflow_ref"), timeout=300):
+    """torchrun with two ranks; on a timeout its whole process group (the ranks too) is killed."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           *script, *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             *script, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def ok(done):
@@ -70,15 +80,17 @@ def fid_state(path):
     return {k: saved[k].numpy() for k in ("features_sum", "features_cov_sum", "features_num_samples")}
 
 
-def test_two_ranks_give_the_fid_statistics_of_one_process(tmp_path):
+def test_two_ranks_give_the_fid_statistics_of_one_process(tmp_path, capsys):
     flags = ["fid", "--num-images", 20, "--batch-size", 4, "--seed", 2, "--threads", 1]    # 5 batches
     main([*map(str, flags), "--state", str(tmp_path / "one.pt")])
+    printed = capsys.readouterr().out
     out = ok(torchrun(*flags, "--state", tmp_path / "two.pt"))
     one, two = fid_state(tmp_path / "one.pt"), fid_state(tmp_path / "two.pt")
     assert int(two["features_num_samples"]) == 20
     for k in one:
         np.testing.assert_allclose(two[k], one[k], rtol=1e-12, atol=1e-12 * np.abs(one[k]).max())
-    assert out.count("FID ") == 1
+    fid_lines = [line.split("; sampling")[0] for line in (printed + out).splitlines() if line.startswith("FID ")]
+    assert len(fid_lines) == 2 and fid_lines[0] == fid_lines[1] and "(20 images" in fid_lines[0], fid_lines
 
     # stopped on two ranks after one round (batches 0 and 1), finished by one process
     ok(torchrun(*flags, "--state", tmp_path / "half.pt", "--stop-after", 1))
