@@ -16,9 +16,9 @@
 Every bad value raises common.CommandError before any work; `main` prints it as one line on
 stderr and exits with code 2. `sample`, `fid`, `fid-stats` and `train` also run as several
 processes under torchrun (`torchrun --nproc-per-node=N -m tarflow_ref ...`), splitting the work
-(torch_backend/distributed.py); the other commands refuse to. Images leave the model in [-1, 1] (plus the training noise); like
-the released evaluation, batches holding NaN are redrawn, values are clipped to [-1, 1] and
-mapped to [0, 1].
+(torch_backend/distributed.py); the other commands refuse to. Images leave the model in [-1, 1]
+(plus the training noise); like the released evaluation, batches holding NaN are redrawn, values
+are clipped to [-1, 1] and mapped to [0, 1].
 """
 from . import assignments, bpd, fid, sample, trace, train
 from .common import CommandError, Parser, drawing_options, model_options, solver_options

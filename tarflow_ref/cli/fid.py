@@ -13,8 +13,8 @@ from pathlib import Path
 from .common import (
     CommandError,
     Parser,
-    count,
     check_out,
+    count,
     denoiser,
     drawing_guidance,
     labels_for,
@@ -34,8 +34,10 @@ def add(commands, parents):
     run = Parser(add_help=False)
     run.add_argument("--state", type=Path, help="save the run here every --save-every batches; a run with the "
                      "same file continues where it stopped (same settings only)")
-    run.add_argument("--save-every", type=count, default=10, help="batches between saves of --state (default: 10)")
-    run.add_argument("--stop-after", type=count, help="stop after this many batches (state saved); run again to continue")
+    run.add_argument("--save-every", type=count, default=10, help="batches between saves of --state (default: 10; "
+                     "under torchrun rounded up to whole rounds of one batch per process)")
+    run.add_argument("--stop-after", type=count, help="stop after this many batches (state saved; under torchrun "
+                     "rounded up to whole rounds); run again to continue")
     run.add_argument("--force", action="store_true", help="start over: ignore --state's saved run, replace --out")
     run.add_argument("--image-size", type=count, help="resize (shorter side) and centre-crop image files to this size")
 

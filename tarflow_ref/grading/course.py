@@ -44,11 +44,10 @@ from nbconvert.preprocessors import ClearOutputPreprocessor
 from nbgrader.preprocessors import ClearHiddenTests, ClearSolutions
 from nbgrader.utils import is_grade, is_solution
 
+from ..io.files import written_together
 from . import sandbox
 from .integrity import Assignment, Flag, scan
 from .kernel import KernelStopped, StudentError, StudentKernel
-
-from ..io.files import written_together
 
 # the instructor notebooks of this repository (absent from a wheel: then pass a folder)
 ASSIGNMENTS = Path(__file__).resolve().parents[2] / "assignments"
