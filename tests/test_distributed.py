@@ -138,6 +138,12 @@ def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path):
     assert done.returncode != 0 and "the batch size 15 must be a multiple of the number of processes 2" in done.stderr
 
 
+def test_a_command_that_cannot_split_its_work_refuses_to_run_under_torchrun(tmp_path):
+    done = torchrun("trace", "--num-images", 1, "--out", tmp_path / "t.png")
+    assert done.returncode != 0 and "trace runs as one process; start it without torchrun" in done.stderr
+    assert not (tmp_path / "t.png").exists()
+
+
 def test_one_rank_failing_ends_the_job_with_its_error(tmp_path):
     start = time.monotonic()
     done = torchrun(*TRAIN, "--out-dir", tmp_path, script=[str(ROOT / "tests" / "distributed_failure.py")],
