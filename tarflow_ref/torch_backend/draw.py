@@ -60,12 +60,12 @@ class SampleStream:
         """The noise [b, T, D] of the batch at `start`, after the batches before it."""
         self.skip_to(start)
         count = min(self.batch_size, self.n - start)
-        self.next = start + self.batch_size
+        self.next = start + count
         return torch.randn(count, self.cfg.tokens, self.cfg.token_dim, generator=self.gen)
 
     def skip_to(self, start: int):
         if start < self.next:
-            raise ValueError(f"batch {start} was asked for after batch {self.next - self.batch_size}: "
+            raise ValueError(f"the batch at {start} was asked for after the one before {self.next}: "
                              f"batches come in increasing order")
         while self.next < start:
             self._noise(self.next)
