@@ -205,7 +205,7 @@ def test_cli_release_and_grade(tmp_path, capsys):
                           ([str(tmp_path / "out"), "--out", str(tmp_path / "grades")], "would overwrite"),
                           ([str(tmp_path / "out"), "--out", str(tmp_path / "file")], "is a file"),
                           ([str(tmp_path / "out"), "--force"], "need --out"),
-                          ([str(tmp_path / "out"), "--jobs", "0"], "--jobs: must be at least 1")):
+                          ([str(tmp_path / "out"), "--jobs", "0"], "argument --jobs: must be at least 1")):
         with pytest.raises(SystemExit) as stop:
             main(["assignments", "grade", "--source", str(key.parent), *argv])
         assert stop.value.code == 2 and message in capsys.readouterr().err, message

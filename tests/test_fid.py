@@ -290,7 +290,7 @@ def test_the_digit_network_training_is_deterministic(digits):
     assert isinstance(bundled, DigitFeatures) and bundled.features == 64
 
 
-def test_a_batch_holding_nan_is_drawn_again_with_the_next_noise():
+def test_a_batch_holding_nan_is_drawn_again_with_fresh_noise_that_leaves_the_stream_alone():
     from tarflow_ref import TarFlowConfig
     from tarflow_ref.torch_backend.draw import MAX_REDRAWS, NanSamples
 
@@ -303,11 +303,38 @@ def test_a_batch_holding_nan_is_drawn_again_with_the_next_noise():
         if len(seen) == 1:
             x[1, 0, 0, 0] = float("nan")
         return x
-    x = SampleStream(sampler, cfg, n=3, batch_size=3, seed=7).batch(0)
+    stream = SampleStream(sampler, cfg, n=6, batch_size=3, seed=7)
+    x, later = stream.batch(0), stream.batch(3)
     gen = torch.Generator().manual_seed(7)
     first, second = torch.randn(3, 4, 1, generator=gen), torch.randn(3, 4, 1, generator=gen)
-    assert len(seen) == 2 and torch.equal(seen[0], first) and torch.equal(seen[1], second)
-    assert torch.equal(x, second.reshape(3, 1, 2, 2))
+    redraw = torch.randn(3, 4, 1, generator=torch.Generator().manual_seed((7 << 32) + 1))   # (seed, batch 0)
+    assert len(seen) == 3 and torch.equal(seen[0], first) and torch.equal(seen[1], redraw)
+    assert torch.equal(x, redraw.reshape(3, 1, 2, 2))
+    assert torch.equal(later, second.reshape(3, 1, 2, 2))             # the next batch's noise as without a NaN
     always = SampleStream(lambda noise, y: noise * float("nan"), cfg, n=3, batch_size=3)
     with pytest.raises(NanSamples, match=f"{MAX_REDRAWS} batches in a row came out NaN"):
         always.batch(0)
+
+
+def test_a_stream_gives_each_batch_its_own_noise_whichever_batches_it_is_asked_for():
+    from tarflow_ref import TarFlowConfig
+
+    cfg = TarFlowConfig(image_size=2, patch_size=1, channels=1, width=64, blocks=1, layers=1)
+
+    def new():                                                           # 11 images: batches at 0, 3, 6, 9 (of 2)
+        return SampleStream(lambda noise, y: noise.reshape(len(noise), 1, 2, 2), cfg, n=11, batch_size=3, seed=5)
+    whole = new()
+    every = {start: whole.batch(start) for start in whole.starts()}
+    odd = new()                                                          # rank 1 of 2
+    assert all(torch.equal(odd.batch(start), every[start]) for start in (3, 9))
+    with pytest.raises(ValueError, match="increasing order"):
+        odd.batch(6)
+    saved = new()
+    saved.batch(0)
+    state = saved.state(6)                                               # batches 0 and 3 done, wherever drawn
+    resumed = new()
+    resumed.restore(state)
+    assert torch.equal(resumed.batch(9), every[9]) and new().state(11)["start"] == 11
+    end = new()
+    end.batch(9)
+    assert end.state(11)["start"] == 11                                  # after the last, shorter batch

@@ -125,7 +125,10 @@ def output_options(default: str, suffix: str = ".png", what: str = "PNG") -> Par
 def drawing_options() -> Parser:
     """The flags of the commands that draw images: count, classes, guidance, denoising, precision."""
     draw = Parser(add_help=False)
-    draw.add_argument("--n", type=count, help="number of images (default: sample 20, trace 4)")
+    draw.add_argument("--num-images", dest="n", type=count, metavar="N",
+                      help="number of images (default: sample 20, trace 4); also --n, but not under torchrun, "
+                           "which takes --n for an abbreviation of its own flags")
+    draw.add_argument("--n", dest="n", type=count, help=argparse.SUPPRESS)
     draw.add_argument("--class", dest="classes", type=int, nargs="+", metavar="LABEL",
                       help="class label(s), cycled over the images; default: all classes in turn")
     draw.add_argument("--cfg", type=finite, help="classifier-free guidance weight g >= 0 "
@@ -158,9 +161,12 @@ def solver_options() -> Parser:
 
 
 def progress(desc, leave=False):
-    """A wrapper that shows a tqdm bar while iterating; the tqdm object also takes set_postfix."""
+    """A wrapper that shows a tqdm bar while iterating (on rank 0 only under torchrun); the tqdm
+    object also takes set_postfix."""
     from tqdm.auto import tqdm
-    return lambda items: tqdm(items, desc=desc, leave=leave, dynamic_ncols=True)
+
+    from ..torch_backend import distributed
+    return lambda items: tqdm(items, desc=desc, leave=leave, dynamic_ncols=True, disable=not distributed.is_main())
 
 
 def set_threads(args):
@@ -245,16 +251,24 @@ def denoiser(args, cfg):
 
 def draw_images(model, args, labels, sampler, denoise=None):
     """Images [n, c, S, S] in model range, in batches; a batch holding NaN (after denoising, when
-    on) is drawn again, up to torch_backend/draw.MAX_REDRAWS times."""
+    on) is drawn again, up to torch_backend/draw.MAX_REDRAWS times. Under torchrun each rank draws
+    every W-th batch and rank 0 gets them all, in order (the others get None)."""
     import torch
 
+    from ..torch_backend import distributed
     from ..torch_backend.draw import NanSamples
 
     stream = sample_stream(model, args, labels, sampler, denoise)
+    starts = stream.starts()
     try:
-        return torch.cat([stream.batch(start) for start in stream.starts()])
+        own = {start: stream.batch(start) for start in starts[distributed.rank()::distributed.world_size()]}
     except NanSamples as err:
         raise CommandError(f"{err}: {overflow_advice(args)}; nothing written") from None
+    parts = distributed.gather_to_main(own)
+    if parts is None:
+        return None
+    batches = {start: x for part in parts for start, x in part.items()}
+    return torch.cat([batches[start] for start in starts])
 
 
 def sample_stream(model, args, labels, sampler, denoise=None):

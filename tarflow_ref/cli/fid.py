@@ -34,9 +34,10 @@ def add(commands, parents):
     run = Parser(add_help=False)
     run.add_argument("--state", type=Path, help="save the run here every --save-every batches; a run with the "
                      "same file continues where it stopped (same settings only)")
-    run.add_argument("--save-every", type=count, default=10, help="batches between saves of --state (default: 10)")
-    run.add_argument("--stop-after", type=count,
-                     help="stop after this many batches (state saved); run again to continue")
+    run.add_argument("--save-every", type=count, default=10, help="batches between saves of --state (default: 10; "
+                     "under torchrun rounded up to whole rounds of one batch per process)")
+    run.add_argument("--stop-after", type=count, help="stop after this many batches (state saved; under torchrun "
+                     "rounded up to whole rounds); run again to continue")
     run.add_argument("--force", action="store_true", help="start over: ignore --state's saved run, replace --out")
     run.add_argument("--image-size", type=count, help="resize (shorter side) and centre-crop image files to this size")
 
@@ -167,15 +168,16 @@ def sampled_source(args, guidance):
     search = 0.0
     if args.sampler == "gsj" and (args.strategy or "auto").strip() == "auto":
         # one search for the whole run (the sample command searches per batch, with that batch's labels)
+        from ..torch_backend import distributed
         from ..torch_backend.strategy_search import auto_strategy
 
         start = time.perf_counter()
-        try:
-            found = auto_strategy(model, None if labels is None else labels[:8].to(args.device), guidance)
+        try:        # found by rank 0 for all, so that every rank draws its batches with one strategy
+            args.strategy = distributed.on_main(lambda: auto_strategy(
+                model, None if labels is None else labels[:8].to(args.device), guidance).to_text())
         except ValueError as err:
             raise CommandError(f"--strategy auto: {err}") from None
         search = time.perf_counter() - start
-        args.strategy = found.to_text()
     sampler = make_sampler(args, model, guidance)
     print(f"sampler: {args.sampler}" + (f" {args.strategy}" if args.sampler == "gsj" else "")
           + f"; {sampler_steps(args, model)} sequential steps per batch")
@@ -219,12 +221,11 @@ def stopped(result, source, args) -> bool:
 
 def run_fid_stats(args):
     from ..evaluation.fid import ArrayImages, read_images, write_stats_file
+    from ..torch_backend import distributed
     from ..training.data import load_digits_split
 
     check_run_args(args)
     check_out(args.out, args.force, ".pth")
-    if args.out.exists() and not args.force:
-        raise CommandError(f"{args.out} exists; pass --force to replace it")
     if args.features is None and args.data != "digits":
         raise CommandError("--features is needed: the statistics file (or released name) whose feature network "
                            "to use")
@@ -244,5 +245,6 @@ def run_fid_stats(args):
         return
     if result.stats.n < 2:
         raise CommandError(f"{args.data}: {result.stats.n} image; statistics need at least 2")
-    write_stats_file(args.out, result.stats, network)
+    if distributed.is_main():
+        write_stats_file(args.out, result.stats, network)
     print(f"wrote {args.out} ({result.stats.n} images, {result.stats.dim} features)")

@@ -51,7 +51,10 @@ def run(args):
     check_drawing_memory(args, cfg, args.n, cols, scale, guidance)
     labels = labels_for(args, cfg)
     sampler = make_sampler(args, model, guidance)
-    images = to_unit_range(draw_images(model, args, labels, sampler, denoise)).numpy()
+    images = draw_images(model, args, labels, sampler, denoise)
+    if images is None:                          # a rank other than 0 under torchrun: rank 0 writes
+        return
+    images = to_unit_range(images).numpy()
     writers = {args.out: lambda path: save_grid(images, path, cols, scale)}
     if args.npy is not None:
         writers[args.npy] = lambda path: np.save(path, images.astype(np.float32))

@@ -36,13 +36,14 @@ import torch
 from ..frechet import FeatureStats
 from ..io.checkpoint import CheckpointError, check_state_dict, read_state_dict
 from ..io.files import written_atomically
+from ..torch_backend import distributed
 from ..torch_backend.inception import InceptionV3
 from ..training.data import IMAGE_SUFFIXES, center_crop, to_unit_range
 from .digit_features import DigitFeatures
 
 NETWORKS = {net.prefix: net for net in (InceptionV3, DigitFeatures)}
 SIDES = ("real", "fake")
-STATE_FORMAT = "tarflow_ref fid run 1"
+STATE_FORMAT = "tarflow_ref fid run 2"
 
 
 class StatsFileError(ValueError):
@@ -135,7 +136,7 @@ class Images:
     def starts(self) -> range:
         return range(0, self.n, self.batch_size)
 
-    def state(self) -> dict:
+    def state(self, start: int) -> dict:
         return {}
 
     def restore(self, state: dict):
@@ -244,44 +245,72 @@ def accumulate(source, network, *, state_path=None, settings: dict | None = None
     """Statistics of every image of `source` (module docstring), resumable through `state_path`.
 
     source: n, starts(), batch(start) -> uint8 images (or model-range floats, made uint8 by
-    to_uint8), state(), restore(state). settings: {name: text} that must match when resuming.
+    to_uint8), state(start), restore(state). settings: {name: text} that must match when resuming.
     stop_after: end (state saved) after this many batches of this call; restart: ignore a saved
     state (it is replaced at the first save); progress wraps the batch loop.
+
+    Under torchrun (torch_backend/distributed.py) the batches are dealt round robin, batch i of
+    this call to rank i mod W: a round is W batches, one per rank. Each rank adds the features of
+    its own batches; the sums are added over the ranks at each save and at the end, and rank 0
+    writes the state. The result, on every rank, is the statistics of the same images as one
+    process's, the sums equal up to the order of the float64 additions. `seconds` are rank 0's.
     """
     settings = {k: str(v) for k, v in (settings or {}).items()}
     device = next(network.parameters()).device
+    world, rank = distributed.world_size(), distributed.rank()
     run = Run(FeatureStats.empty(network.features), 0.0, 0.0, False)
-    if state_path is not None and Path(state_path).exists() and not restart:
-        run = _resume(Path(state_path), source, settings, network.features)
+    if state_path is not None and not restart:
+        saved = distributed.on_main(lambda: _resume(Path(state_path), settings, network.features))
+        if saved is not None:
+            run, source_state = saved
+            source.restore(source_state)
+    own = run.stats if distributed.is_main() else FeatureStats.empty(network.features)    # this rank's sums
     starts = [s for s in source.starts() if s >= run.stats.n]
-    for batches, start in enumerate(progress(starts) if progress and starts else starts, start=1):
-        t0 = time.perf_counter()
-        images = source.batch(start)
-        t1 = time.perf_counter()
-        images = images if images.dtype == torch.uint8 else to_uint8(images)
-        features = network(images.to(device)).double().cpu().numpy()          # [b, F]
-        run.stats.add(features)
-        run.seconds += t1 - t0
-        run.feature_seconds += time.perf_counter() - t1
-        run.complete = run.stats.n >= source.n
+    rounds = range(0, len(starts), world)
+    saved = 0
+    for first in progress(rounds) if progress and starts else rounds:
+        if first + rank < len(starts):
+            t0 = time.perf_counter()
+            images = source.batch(starts[first + rank])
+            t1 = time.perf_counter()
+            images = images if images.dtype == torch.uint8 else to_uint8(images)
+            features = network(images.to(device)).double().cpu().numpy()          # [b, F]
+            own.add(features)
+            run.seconds += t1 - t0
+            run.feature_seconds += time.perf_counter() - t1
+        batches = min(first + world, len(starts))                                 # done by this call
         stopping = stop_after is not None and batches >= stop_after
-        if state_path is not None and (batches % save_every == 0 or run.complete or stopping):
-            _save(Path(state_path), run, source, settings)
+        if state_path is not None and (batches - saved >= save_every or batches == len(starts) or stopping):
+            run.stats = _over_ranks(own)
+            if distributed.is_main():
+                _save(Path(state_path), run, source.state(starts[batches] if batches < len(starts) else source.n),
+                      settings)
+            saved = batches
         if stopping:
             break
+    run.stats = _over_ranks(own)
     run.complete = run.stats.n >= source.n
     return run
 
 
-def _save(path: Path, run: Run, source, settings: dict):
+def _over_ranks(stats: FeatureStats) -> FeatureStats:
+    """The statistics of every rank's images: each of the three sums added over the ranks."""
+    return FeatureStats.from_arrays({k: distributed.sum_over_ranks(torch.from_numpy(np.asarray(v))).numpy()
+                                     for k, v in stats.arrays().items()})
+
+
+def _save(path: Path, run: Run, source_state: dict, settings: dict):
     state = {"format": STATE_FORMAT, "settings": settings, "seconds": run.seconds,
-             "feature_seconds": run.feature_seconds, "source": source.state(),
+             "feature_seconds": run.feature_seconds, "source": source_state,
              **{k: torch.from_numpy(np.array(v)) for k, v in run.stats.arrays().items()}}
     with written_atomically(path) as partial:
         torch.save(state, partial)
 
 
-def _resume(path: Path, source, settings: dict, features: int) -> Run:
+def _resume(path: Path, settings: dict, features: int):
+    """(Run, the source's state) saved at `path`, or None when there is no such file."""
+    if not path.exists():
+        return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 (a truncated, foreign or unsafe file: all end the same way)
@@ -299,5 +328,4 @@ def _resume(path: Path, source, settings: dict, features: int) -> Run:
                                                                      "features_num_samples")})
     if stats.dim != features:
         raise StatsFileError(f"{path}: holds {stats.dim} features, the network makes {features}")
-    source.restore(state["source"])
-    return Run(stats, state["seconds"], state["feature_seconds"], stats.n >= source.n)
+    return Run(stats, state["seconds"], state["feature_seconds"], False), state["source"]

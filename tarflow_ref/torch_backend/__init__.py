@@ -4,5 +4,5 @@ model.py mirrors flow.py / attention.py / model.py; engine.py makes sequential s
 textbook.py is the readable loop it equals; sampling.py is the one sampling entry point, with the
 sequential sampler or GS-Jacobi (jacobi.py, strategy_search.py) as its choice; draw.py draws many
 batches of samples for an evaluation, and inception.py is the FID feature network of the released
-statistics files.
+statistics files; distributed.py runs a command as several processes under torchrun.
 """

@@ -29,6 +29,7 @@ infinity are never saved.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -42,6 +43,7 @@ from ..config import TarFlowConfig
 from ..io.checkpoint import check_state_dict, float32_state, model_metadata
 from ..io.files import signals_held
 from ..logdet import bits_per_dim, dequantize
+from ..torch_backend import distributed
 from ..torch_backend.checks import check_finite_weights, nonfinite_keys
 from ..torch_backend.model import TarFlow
 from ..torch_backend.precision import autocast
@@ -172,12 +174,25 @@ class TrainingDiverged(ValueError):
     """The loss or the weights became NaN or infinite."""
 
 
-def train_step(model, opt, sched, x, y, s: TrainSettings, step: int) -> float:
-    """One optimiser step on a batch; returns the loss. A non-finite loss raises TrainingDiverged
-    before the step changes any weight."""
+class TrainingLoss(torch.nn.Module):
+    """The model's training loss as a module's forward, which DistributedDataParallel needs: its
+    gradient averaging hooks into forward() (torch_backend/distributed.py, data_parallel)."""
+
+    def __init__(self, model: TarFlow):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y=None):
+        return self.model.loss(x, y)
+
+
+def train_step(loss_of, opt, sched, x, y, s: TrainSettings, step: int) -> float:
+    """One optimiser step on a batch; returns the loss (under torchrun: x, y are this rank's share
+    of the step's batch, the loss returned is the mean over the ranks, the gradients are averaged
+    over the ranks). A non-finite loss raises TrainingDiverged before the step changes any weight."""
     with autocast(torch.device(s.device), s.bf16):
-        loss = model.loss(x.to(s.device), None if y is None else y.to(s.device))
-    value = loss.item()
+        loss = loss_of(x.to(s.device), None if y is None else y.to(s.device))
+    value = distributed.mean_over_ranks(loss.item())
     if not math.isfinite(value):
         raise TrainingDiverged(f"the loss is {value} at step {step} (learning rate "
                                f"{opt.param_groups[0]['lr']:.3g}): training diverged; lower --lr")
@@ -211,32 +226,29 @@ def train(s: TrainSettings, out_dir=".", *, resume=False, force=False, stop_afte
     """
     out_dir = Path(out_dir)
     path = out_dir / s.file_name
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"cannot use {out_dir} as the folder for the checkpoint: {err.strerror}") from None
-    with locked_out_dir(out_dir), signals_held(reraise=False) as stops:
-        remove_stale_partials(path)
-        found = [p for p in (path, resume_path(path)) if p.exists()]
-        if found and not (resume or force):
-            raise FileExistsError(f"{found[0]} exists; resume it (--resume) or start over (--force)")
-        if resume and not resume_path(path).exists():
-            raise FileNotFoundError(f"cannot resume: {resume_path(path)} does not exist")
+    if s.batch_size % distributed.world_size():
+        raise ValueError(f"the batch size {s.batch_size} must be a multiple of the number of processes "
+                         f"{distributed.world_size()}: each takes an equal share of every batch")
+    with contextlib.ExitStack() as held, signals_held(reraise=False) as stops:
+        # rank 0 alone holds the out-dir and reads the resume file; the others get its contents
+        state = distributed.on_main(lambda: claim_out_dir(held, out_dir, path, resume, force))
         images, labels, num_classes = load_dataset(s.data, s.image_size, s.channels)
         cfg = s.model_config(num_classes)
         torch.manual_seed(s.seed)
         model = TarFlow(cfg).to(s.device)
         opt, sched = make_optimizer(model, s)
-        losses = restore(path, s, model, opt, sched) if resume else []
+        losses = restore(state, s, model, opt, sched) if resume else []
+        loss_of = distributed.data_parallel(TrainingLoss(model))
         saved, saved_time = len(losses), time.monotonic()
 
         def save():
             nonlocal saved, saved_time
-            write_checkpoint(path, model, opt, sched, s, losses)
+            if distributed.is_main():
+                write_checkpoint(path, model, opt, sched, s, losses)
             saved, saved_time = len(losses), time.monotonic()
 
         end = s.steps if stop_after is None else min(s.steps, stop_after)
-        if stops:                                        # asked to stop during the set-up: no step
+        if distributed.any_rank(bool(stops)):            # asked to stop during the set-up: no step
             end = len(losses)
         model.train()
         steps = range(len(losses), end)
@@ -244,20 +256,40 @@ def train(s: TrainSettings, out_dir=".", *, resume=False, force=False, stop_afte
         for step in bar:
             x, y = training_batch(images, labels, s, step)
             try:
-                losses.append(train_step(model, opt, sched, x, y, s, step))
+                losses.append(train_step(loss_of, opt, sched, distributed.share(x),
+                                         None if y is None else distributed.share(y), s, step))
             except TrainingDiverged as err:
                 kept = f"the checkpoint of step {saved} is kept" if saved else "no checkpoint was written"
                 raise TrainingDiverged(f"{err}; {kept}") from None
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-            if stops or (save_every and len(losses) - saved >= save_every) or \
+            stopping = distributed.any_rank(bool(stops))   # every rank stops after the same step
+            if stopping or (save_every and len(losses) - saved >= save_every) or \
                     (save_minutes is not None and time.monotonic() - saved_time >= 60 * save_minutes):
                 save()
-            if stops:
+            if stopping:
                 break
         if saved != len(losses):
             save()
+        distributed.barrier()                           # the checkpoint is written when any rank returns
         return TrainResult(path, len(losses), losses, signal.Signals(stops[0]).name if stops else None)
+
+
+def claim_out_dir(held: contextlib.ExitStack, out_dir: Path, path: Path, resume: bool, force: bool):
+    """Lock out_dir for the run (held until `held` closes), clear a killed save's leftovers, refuse
+    to replace a run without resume or force; returns the resume file's contents when resuming."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot use {out_dir} as the folder for the checkpoint: {err.strerror}") from None
+    held.enter_context(locked_out_dir(out_dir))
+    remove_stale_partials(path)
+    found = [p for p in (path, resume_path(path)) if p.exists()]
+    if found and not (resume or force):
+        raise FileExistsError(f"{found[0]} exists; resume it (--resume) or start over (--force)")
+    if resume and not resume_path(path).exists():
+        raise FileNotFoundError(f"cannot resume: {resume_path(path)} does not exist")
+    return load_pair(path) if resume else None
 
 
 def write_checkpoint(path: Path, model, opt, sched, s: TrainSettings, losses: list):
@@ -272,10 +304,9 @@ def write_checkpoint(path: Path, model, opt, sched, s: TrainSettings, losses: li
                                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
 
 
-def restore(path: Path, s: TrainSettings, model, opt, sched) -> list:
-    """Restore model, optimiser and schedule from the resume file (train_state.load_pair); the
-    settings must match the interrupted run's. Returns the losses of the steps done."""
-    state = load_pair(path)
+def restore(state: dict, s: TrainSettings, model, opt, sched) -> list:
+    """Restore model, optimiser and schedule from the resume file's contents (train_state.load_pair);
+    the settings must match the interrupted run's. Returns the losses of the steps done."""
     saved = state["settings"]
     # device and bf16 may change between sessions; everything else shapes the run
     differ = [f.name for f in fields(s) if f.name not in ("device", "bf16") and saved.get(f.name) != getattr(s, f.name)]
