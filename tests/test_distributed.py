@@ -5,13 +5,16 @@ tarflow_ref ...`, against one process with the same flags.
     sample    the same images, bit for bit (the noise of batch k is the k-th draw of one stream)
     fid       the same feature sums up to float64 rounding, the same FID; a run stopped on two
               ranks finishes on one with the same sums
-    train     the same weights after two steps of the same global batch, and after a run stopped
-              on two ranks is resumed on one (and one on two), up to float32 rounding: WEIGHTS_RTOL
+    train     the same weights after two steps of the same global batch, after a run stopped on
+              two ranks is resumed on one (and one on two), up to float32 rounding
+              (WEIGHTS_RTOL); a two-rank run killed with SIGKILL and resumed ends bit for bit as an
+              uninterrupted two-rank run
     failure   one rank raising ends the whole job with its error within FAIL_SECONDS
 
 Each torchrun costs seconds of start-up (two interpreters that import torch); the models are
 the bundled digits model and a small digits training run.
 """
+import contextlib
 import os
 import shutil
 import signal
@@ -33,17 +36,45 @@ TRAIN = ["train", "--steps", "4", "--warmup", "1", "--batch-size", "16", "--bloc
          "--save-minutes", "0"]
 
 
-def torchrun(*args, script=("-m", "tarflow_ref"), timeout=300):
-    """torchrun with two ranks; on a timeout its whole process group (the ranks too) is killed."""
+def start_torchrun(*args, script=("-m", "tarflow_ref")):
+    """torchrun with two ranks, started in the background."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                              *script, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, start_new_session=True)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (torchrun starts its ranks in sessions of their own, so killing
+    torchrun's process group does not reach them)."""
+    try:
+        children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                    for c in (task / "children").read_text().split()]
+    except OSError:
+        return []
+    return children + [d for c in children for d in descendants(c)]
+
+
+def kill_all(proc):
+    """SIGKILL to torchrun and every process it started; returns once they are gone."""
+    pids = descendants(proc.pid)
+    for pid in [proc.pid, *pids]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.communicate()
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() and "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+              for pid in pids if Path(f"/proc/{pid}/status").exists()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def torchrun(*args, script=("-m", "tarflow_ref"), timeout=300):
+    """torchrun with two ranks; on a timeout it and its ranks are killed."""
+    proc = start_torchrun(*args, script=script)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        kill_all(proc)
         raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
@@ -131,6 +162,25 @@ def test_two_ranks_train_and_resume_as_one_process(tmp_path):
     ok(torchrun(*TRAIN, "--out-dir", one_two, "--resume"))             # stopped on one, resumed on two
     assert_same_weights(after_4, weights(one_two))
     assert not after_4["blocks.0.proj_out.weight"].equal(after_2["blocks.0.proj_out.weight"])   # steps 3, 4 count
+
+
+def test_a_killed_two_rank_training_resumes_to_the_uninterrupted_weights(tmp_path):
+    """SIGKILL to torchrun and both ranks once the first checkpoint is on disk (mid-run), then
+    --resume on two ranks: bit for bit the weights of two ranks that ran every step without a stop
+    (two gloo ranks add their gradients in one order)."""
+    flags = [*TRAIN, "--steps", "60", "--save-every", "1"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    ok(torchrun(*flags, "--out-dir", whole))
+    proc = start_torchrun(*flags, "--out-dir", killed)
+    deadline = time.monotonic() + 300
+    while not list(killed.glob("*.pth")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    kill_all(proc)
+    (resume,) = killed.glob("*.resume*")
+    assert torch.load(resume, weights_only=True)["step"] < 60, "the run ended before it could be killed"
+    ok(torchrun(*flags, "--out-dir", killed, "--resume"))
+    expected, resumed = weights(whole), weights(killed)
+    assert expected.keys() == resumed.keys() and all(torch.equal(expected[k], resumed[k]) for k in expected)
 
 
 def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path):
