@@ -272,7 +272,7 @@ def draw_images(model, args, labels, sampler, denoise=None):
 
 
 def sample_stream(model, args, labels, sampler, denoise=None):
-    """The --n images of the drawing flags as a SampleStream (torch_backend/draw.py)."""
+    """The --num-images images of the drawing flags as a SampleStream (torch_backend/draw.py)."""
     from ..torch_backend.draw import SampleStream
 
     def denoised(x, y):
