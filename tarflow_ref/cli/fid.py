@@ -43,8 +43,8 @@ def add(commands, parents):
 
     f = commands.add_parser("fid", parents=[*parents, run], help="FID of samples or images against a statistics file",
                             description=f"FID of --num-images (default {FID_N}) samples of a checkpoint, or of "
-                                        "--images, against a statistics file (released or made by fid-stats); prints FID, "
-                                        "images, seconds spent sampling and images per second.")
+                                        "--images, against a statistics file (released or made by fid-stats); "
+                                        "prints FID, images, seconds spent sampling and images per second.")
     f.add_argument("--stats", help="statistics file or released name (afhq256, imagenet128, ...); default: the "
                    "released model's own, or the bundled digits' file for the bundled model")
     f.add_argument("--images", type=Path, help="score these instead of sampling: a folder of image files, "
