@@ -116,7 +116,8 @@ def test_the_kernel_cannot_reach_outside(tmp_path, monkeypatch, namespaces):
     victims.mkdir(mode=0o755)
     tmp_path.chmod(0o755)
     victim = victims / "victim.txt"                         # in /tmp, which the kernel gets a private one of
-    visible_victim = REPOSITORY / f".victim-{uuid.uuid4().hex}.txt"     # where the kernel sees it
+    # in the package's folder, which the kernel sees wherever the checkout is (under /tmp too)
+    visible_victim = Path(sandbox.__file__).resolve().parents[1] / f".victim-{uuid.uuid4().hex}.txt"
     for path in (victim, visible_victim):
         path.write_text("keep me")
         path.chmod(0o644)
